@@ -1,0 +1,549 @@
+"""Healthy counterfactuals: DDIM inversion with the null label, guided DDIM decoding to "healthy".
+
+The method of "What is Healthy?" (Sanchez et al. 2022) as abduction, action, prediction:
+
+1. abduction: deterministic DDIM inversion (eta = 0) of the clean slice ``x_0`` up to noise level
+   ``L`` with the null (unconditional) label;
+2. action: the label becomes ``target_label`` (healthy);
+3. prediction: DDIM decoding from exactly where inversion ended back to the clean image with
+   classifier-free guidance ``eps = eps_null + w * (eps_target - eps_null)``.
+
+Schedule indexing (the reference code and the MONAI tutorial get this wrong)
+--------------------------------------------------------------------------
+A *plan* ``[t_1, ..., t_K]`` holds trained timesteps only (see :func:`timestep_plan`). The clean
+image has ``alpha_bar = 1`` (call it ``t = -1``); it is *not* timestep 0, which already carries a
+little noise (``alpha_bar_0 = 1 - beta_0``). Inversion walks the levels
+
+    clean -> t_1 -> t_2 -> ... -> t_K
+
+and decoding walks them back, starting at ``t_K`` (where inversion ended, not one level below):
+
+    t_K -> t_{K-1} -> ... -> t_1 -> clean.
+
+Each step from level ``a`` to level ``b`` is the DDIM update with eps predicted at the point the
+step starts from, at its own timestep. The clean image has no network timestep; when inversion
+needs eps there it asks the network at the lowest trained timestep (``t = 0``), the closest level
+the network knows.
+
+Plain DDIM inversion is a first-order scheme: predicting eps at the current point on the way up
+and at the next point on the way down makes the round trip shrink the image a little (by a known
+factor for Gaussian data, see the tests). ``inversion_refinements > 0`` adds that many fixed-point
+iterations per inversion step, re-predicting eps at the new point, which converges to the exact
+inverse of the decoding step (one extra network call per iteration and step).
+
+Dynamic normalisation (Imagen-style thresholding, the paper's rule) is applied to the predicted
+``x_0`` at every *decoding* step, and eps is then re-derived from the normalised ``x_0`` (as the
+reference code, built on guided-diffusion, does). It is never applied during inversion: inversion
+must stay the inverse of unnormalised decoding so that the round trip is exact.
+
+All DDIM coefficient arithmetic is done on float32 tensors with float64 scalar coefficients,
+whatever autocast does to the network; only the network call runs under autocast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Generator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from .device import resolve_device
+from .errors import WhatIsHealthyError
+from .model import HEALTHY, NULL, ModelSpec, ScheduleSpec
+
+Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+AmpSetting = bool | Literal["auto", "bf16", "fp16"]
+
+__all__ = [
+    "CounterfactualSettings",
+    "Progress",
+    "autocast_dtype",
+    "counterfactual",
+    "decode",
+    "dynamic_normalise",
+    "invert",
+    "iter_counterfactual",
+    "timestep_plan",
+]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One network step done: ``step`` of ``total`` (both counted over all chunks)."""
+
+    step: int
+    total: int
+    phase: Literal["invert", "decode"]
+
+
+@dataclass
+class CounterfactualSettings:
+    """How to make the counterfactual; :meth:`from_spec` takes the model's recommended values.
+
+    ``amp``: ``"auto"`` uses bf16 autocast on CPU (about 3x faster for our UNet on this kind of
+    machine), bf16 (or fp16 where bf16 is unsupported) on CUDA, and none on MPS; ``True`` forces
+    autocast (fp16 on MPS), ``False`` turns it off, ``"bf16"``/``"fp16"`` pick the type.
+    ``inversion_refinements``: fixed-point iterations per inversion step (0 = plain DDIM, the
+    paper's method; 2-5 make the inversion round trip near exact at that many extra calls).
+    """
+
+    guidance: float = 3.0
+    noise_level: float = 0.5
+    steps: int = 10
+    dynamic_normalisation: bool = True
+    target_label: int = HEALTHY
+    batch_size: int = 64
+    device: str = "auto"
+    amp: AmpSetting = "auto"
+    inversion_refinements: int = 0
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, **overrides: Any) -> CounterfactualSettings:
+        """Settings from ``spec.inference``; ``overrides`` whose value is None are ignored.
+
+        Ignoring None lets a CLI pass its optional arguments straight through.
+        """
+        inf = spec.inference
+        base = cls(
+            guidance=inf.guidance,
+            noise_level=inf.noise_level,
+            steps=inf.steps,
+            dynamic_normalisation=inf.dynamic_normalisation,
+            target_label=spec.labels.get("healthy", HEALTHY),
+            # Not (yet) part of InferenceDefaults; read it if a spec carries it.
+            inversion_refinements=getattr(inf, "inversion_refinements", 0),
+        )
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise WhatIsHealthyError(
+                f"unknown counterfactual setting(s) {unknown}; known: {sorted(known)}"
+            )
+        return dataclasses.replace(base, **overrides)
+
+    def validate(self) -> None:
+        if not math.isfinite(float(self.guidance)):
+            raise WhatIsHealthyError(f"guidance must be a finite number, got {self.guidance!r}")
+        _check_noise_and_steps(self.noise_level, self.steps)
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise WhatIsHealthyError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not _is_int(self.inversion_refinements) or self.inversion_refinements < 0:
+            raise WhatIsHealthyError(
+                f"inversion_refinements must be an integer >= 0, got {self.inversion_refinements!r}"
+            )
+        if self.amp not in ("auto", "bf16", "fp16", True, False):
+            raise WhatIsHealthyError(
+                f"amp must be auto, bf16, fp16, True or False, got {self.amp!r}"
+            )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _check_noise_and_steps(noise_level: float, steps: int) -> None:
+    try:
+        level = float(noise_level)
+    except (TypeError, ValueError):
+        level = float("nan")
+    if not (0.0 < level <= 1.0):
+        raise WhatIsHealthyError(
+            "noise level must be in (0, 1] (a fraction of the diffusion length), "
+            f"got {noise_level!r}"
+        )
+    if not _is_int(steps) or steps < 1:
+        raise WhatIsHealthyError(f"steps must be an integer >= 1, got {steps!r}")
+
+
+def timestep_plan(schedule: ScheduleSpec, noise_level: float, steps: int) -> list[int]:
+    """The DDIM timesteps ``[t_1, ..., t_K]`` (ascending) from the clean image up to level L.
+
+    Only trained timesteps are used (``schedule.trained_timesteps()``). The last one is the
+    trained timestep nearest ``noise_level * num_train_timesteps`` (the lower one on a tie); the
+    ``steps`` timesteps are evenly spaced over the trained ones, counting up from the clean image:
+    with stride 10, L = 0.5 and 10 steps the plan is ``[50, 100, ..., 500]``. If fewer trained
+    timesteps than ``steps`` lie at or below that level, all of them are used (``[0, 10, ...]``).
+    """
+    _check_noise_and_steps(noise_level, steps)
+    trained = schedule.trained_timesteps().cpu().numpy().astype(np.int64)
+    if trained.size == 0:
+        raise WhatIsHealthyError("the schedule has no trained timesteps")
+    target = float(noise_level) * schedule.num_train_timesteps
+    last = int(np.argmin(np.abs(trained - target)))  # first minimum: the lower one on a tie
+    if steps >= last + 1:
+        return [int(t) for t in trained[: last + 1]]
+    # Positions i * last / steps for i = 1..steps: spacing >= 1, so rounding keeps them distinct;
+    # round half up (not numpy's half-to-even) so that the plan does not wobble.
+    positions = np.floor(np.arange(1, steps + 1) * (last / steps) + 0.5).astype(np.int64)
+    return [int(t) for t in trained[positions]]
+
+
+def autocast_dtype(amp: AmpSetting, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype that ``amp`` means on ``device`` (None: no autocast)."""
+    kind = torch.device(device).type
+    if amp is False:
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if amp == "auto" and kind == "mps":
+        return None  # autocast on MPS is young; off unless forced
+    if amp not in ("auto", True):
+        raise WhatIsHealthyError(f"amp must be auto, bf16, fp16, True or False, got {amp!r}")
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if kind == "mps":
+        return torch.float16
+    return torch.bfloat16
+
+
+def dynamic_normalise(x0: torch.Tensor, percentile: float = 99.0) -> torch.Tensor:
+    """The paper's rule on a batch ``[B, C, ...]``: q = percentile of |x0| per sample and channel,
+    q = max(q, 1), clip to [-q, q], divide by q. Inputs already in [-1, 1] are unchanged."""
+    flat = x0.float().abs().flatten(2)
+    # Linear-interpolated percentile (numpy's default) by sorting: torch.quantile refuses
+    # inputs of more than 2**24 elements, which big batches reach.
+    values = flat.sort(dim=2).values
+    pos = (percentile / 100.0) * (values.shape[2] - 1)
+    lo, frac = int(math.floor(pos)), pos - math.floor(pos)
+    hi = min(lo + 1, values.shape[2] - 1)
+    q = (values[..., lo] + frac * (values[..., hi] - values[..., lo])).clamp_min(1.0)
+    q = q.reshape(*q.shape, *([1] * (x0.dim() - 2)))
+    return torch.maximum(torch.minimum(x0.float(), q), -q) / q
+
+
+# --------------------------------------------------------------------------------------------
+# The two halves. Internal generators yield once after each network call so that the caller can
+# report progress and stop; grad mode and autocast are entered only around each call and never
+# held across a yield (they are thread-global state and would leak into the consumer's code).
+
+
+def _alphas(alphas_cumprod: torch.Tensor | Sequence[float]) -> np.ndarray:
+    return np.asarray(torch.as_tensor(alphas_cumprod).detach().cpu().double().numpy())
+
+
+def _coefficients(a: float, b: float) -> tuple[float, float]:
+    """x_b = c1 * x_a + c2 * eps, from x0 = (x_a - sqrt(1-a) eps) / sqrt(a), in float64."""
+    c1 = math.sqrt(b / a)
+    c2 = math.sqrt(1.0 - b) - math.sqrt(b * (1.0 - a) / a)
+    return c1, c2
+
+
+def _network(
+    predictor: Predictor,
+    x: torch.Tensor,
+    t: int,
+    labels: torch.Tensor,
+    amp_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    ts = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+    ctx = (
+        torch.autocast(device_type=x.device.type, dtype=amp_dtype)
+        if amp_dtype is not None
+        else nullcontext()
+    )
+    with ctx:
+        eps = predictor(x, ts, labels)
+    return eps.float()  # the DDIM arithmetic stays in float32 whatever autocast returned
+
+
+def _check_plan(plan: Sequence[int], alphas: np.ndarray) -> list[int]:
+    plan = [int(t) for t in plan]
+    if not plan:
+        raise WhatIsHealthyError("the timestep plan is empty")
+    if any(b <= a for a, b in zip(plan, plan[1:], strict=False)) or plan[0] < 0:
+        raise WhatIsHealthyError(f"the timestep plan must be strictly ascending and >= 0: {plan}")
+    if plan[-1] >= len(alphas):
+        raise WhatIsHealthyError(
+            f"timestep {plan[-1]} is beyond the schedule ({len(alphas)} steps)"
+        )
+    return plan
+
+
+def _invert_iter(
+    predictor: Predictor,
+    x0: torch.Tensor,
+    plan: Sequence[int],
+    alphas_cumprod: torch.Tensor | Sequence[float],
+    null_label: int,
+    refinements: int,
+    amp_dtype: torch.dtype | None,
+) -> Generator[None, None, torch.Tensor]:
+    ab = _alphas(alphas_cumprod)
+    plan = _check_plan(plan, ab)
+    x = x0.float()
+    labels = torch.full((x.shape[0],), int(null_label), dtype=torch.long, device=x.device)
+    # The clean image is level alpha_bar = 1; the network sees it at its lowest timestep, 0.
+    levels = [1.0] + [float(ab[t]) for t in plan]
+    net_t = [0] + plan
+    for i in range(len(plan)):
+        c1, c2 = _coefficients(levels[i], levels[i + 1])
+        with torch.inference_mode():
+            eps = _network(predictor, x, net_t[i], labels, amp_dtype)
+            x_next = c1 * x + c2 * eps
+        yield
+        for _ in range(refinements):
+            # Fixed point of x_next = c1 x + c2 eps(x_next, t_next): the exact inverse of the
+            # decoding step, which predicts eps at x_next.
+            with torch.inference_mode():
+                eps = _network(predictor, x_next, net_t[i + 1], labels, amp_dtype)
+                x_next = c1 * x + c2 * eps
+            yield
+        x = x_next
+    return x
+
+
+def _decode_iter(
+    predictor: Predictor,
+    xt: torch.Tensor,
+    plan: Sequence[int],
+    alphas_cumprod: torch.Tensor | Sequence[float],
+    guidance: float,
+    target_label: int,
+    null_label: int,
+    dynamic_normalisation: bool,
+    batched_guidance: bool,
+    amp_dtype: torch.dtype | None,
+) -> Generator[None, None, torch.Tensor]:
+    ab = _alphas(alphas_cumprod)
+    plan = _check_plan(plan, ab)
+    x = xt.float()
+    n = x.shape[0]
+    dev = x.device
+    w = float(guidance)
+    null = torch.full((n,), int(null_label), dtype=torch.long, device=dev)
+    target = torch.full((n,), int(target_label), dtype=torch.long, device=dev)
+    both = torch.cat([null, target])
+    levels = [1.0] + [float(ab[t]) for t in plan]  # levels[0]: the clean image
+    for i in range(len(plan), 0, -1):
+        a, b = levels[i], levels[i - 1]
+        t = plan[i - 1]
+        with torch.inference_mode():
+            if w == 0.0:
+                eps = _network(predictor, x, t, null, amp_dtype)  # guidance off: null pass only
+            else:
+                if batched_guidance:  # one doubled batch: [null half; target half]
+                    out = _network(predictor, torch.cat([x, x]), t, both, amp_dtype)
+                    eps_null, eps_target = out[:n], out[n:]
+                else:
+                    eps_null = _network(predictor, x, t, null, amp_dtype)
+                    eps_target = _network(predictor, x, t, target, amp_dtype)
+                eps = eps_null + w * (eps_target - eps_null)
+            if dynamic_normalisation:
+                sa, s1a = math.sqrt(a), math.sqrt(1.0 - a)
+                x0 = dynamic_normalise((x - s1a * eps) / sa)
+                eps = (x - sa * x0) / s1a  # re-derived from the normalised x0, as the reference
+                x = math.sqrt(b) * x0 + math.sqrt(1.0 - b) * eps
+            else:
+                c1, c2 = _coefficients(a, b)
+                x = c1 * x + c2 * eps
+        yield
+    return x
+
+
+def _run(gen: Generator[None, None, torch.Tensor]) -> torch.Tensor:
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def invert(
+    predictor: Predictor,
+    x0: torch.Tensor,
+    plan: Sequence[int],
+    alphas_cumprod: torch.Tensor | Sequence[float],
+    *,
+    null_label: int = NULL,
+    refinements: int = 0,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """DDIM inversion (eta = 0) of clean ``x0`` through the levels of ``plan``; returns x_{t_K}."""
+    return _run(
+        _invert_iter(predictor, x0, plan, alphas_cumprod, null_label, refinements, amp_dtype)
+    )
+
+
+def decode(
+    predictor: Predictor,
+    xt: torch.Tensor,
+    plan: Sequence[int],
+    alphas_cumprod: torch.Tensor | Sequence[float],
+    *,
+    guidance: float,
+    target_label: int = HEALTHY,
+    null_label: int = NULL,
+    dynamic_normalisation: bool = True,
+    batched_guidance: bool = True,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Guided DDIM decoding of ``xt`` (at level ``plan[-1]``) down to the clean image.
+
+    ``batched_guidance=False`` runs the null and target passes one after the other (for tests).
+    """
+    return _run(
+        _decode_iter(
+            predictor, xt, plan, alphas_cumprod, guidance, target_label, null_label,
+            dynamic_normalisation, batched_guidance, amp_dtype,
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The public driver.
+
+
+def _model_device(model: Any) -> torch.device | None:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return None
+
+
+def iter_counterfactual(
+    model: Predictor,
+    slices: np.ndarray | torch.Tensor,
+    settings: CounterfactualSettings | None = None,
+    *,
+    schedule: ScheduleSpec | None = None,
+    null_label: int | None = None,
+) -> Generator[Progress, None, np.ndarray]:
+    """Healthy counterfactuals of ``slices`` (float32 ``[N, C, S, S]`` in [-1, 1]), step by step.
+
+    ``model(x, t, labels) -> eps`` is a :class:`ConditionalUNet` (its ``.spec`` gives schedule,
+    labels and defaults) or any predictor with ``schedule=`` given. Slices are processed in chunks
+    of at most ``settings.batch_size`` (decoding feeds the network ``2 * chunk``). The generator
+    yields a :class:`Progress` after every network call and *returns* the healthy slices
+    (float32 numpy, same shape) as its ``StopIteration`` value. Closing it (``gen.close()``) stops
+    at the current step: nothing is returned and nothing raises. Bad input is refused here, at
+    call time, not at the first ``next()``.
+    """
+    spec: ModelSpec | None = getattr(model, "spec", None)
+    if settings is None:
+        settings = (
+            CounterfactualSettings.from_spec(spec) if spec is not None else CounterfactualSettings()
+        )
+    settings.validate()
+    if schedule is None:
+        if spec is None:
+            raise WhatIsHealthyError("a predictor without a .spec needs schedule=ScheduleSpec(...)")
+        schedule = spec.schedule
+    if null_label is None:
+        null_label = spec.labels.get("null", NULL) if spec is not None else NULL
+
+    if isinstance(slices, torch.Tensor):
+        data = slices.detach().to("cpu", torch.float32).numpy()
+    else:
+        data = np.asarray(slices, dtype=np.float32)
+    if data.ndim != 4:
+        raise WhatIsHealthyError(f"slices must be [N, C, S, S], got shape {data.shape}")
+    if spec is not None:
+        if data.shape[1] != spec.in_channels:
+            raise WhatIsHealthyError(
+                f"the model expects {spec.in_channels} channels {tuple(spec.modalities)}, "
+                f"the slices have {data.shape[1]}"
+            )
+        if data.shape[2:] != (spec.image_size, spec.image_size):
+            raise WhatIsHealthyError(
+                f"the model works at {spec.image_size}x{spec.image_size}, the slices are "
+                f"{data.shape[2]}x{data.shape[3]}: resample them first"
+            )
+    if data.size and not np.isfinite(data).all():
+        raise WhatIsHealthyError("the slices contain NaN or infinite values")
+
+    model_dev = _model_device(model)
+    if settings.device == "auto" and model_dev is not None:
+        device = model_dev
+    else:
+        device = resolve_device(settings.device)
+        if model_dev is not None and model_dev != device and not (
+            model_dev.type == device.type and device.index is None
+        ):
+            raise WhatIsHealthyError(
+                f"the model is on {model_dev} but settings.device is {settings.device!r}; load it "
+                "with load_checkpoint(..., device=...) or move it with model.to(...)"
+            )
+    amp_dtype = autocast_dtype(settings.amp, device)
+    plan = timestep_plan(schedule, settings.noise_level, settings.steps)
+    alphas = schedule.alphas_cumprod()
+    return _iterate(model, data, settings, plan, alphas, int(null_label), device, amp_dtype)
+
+
+def _iterate(
+    model: Predictor,
+    data: np.ndarray,
+    settings: CounterfactualSettings,
+    plan: list[int],
+    alphas: torch.Tensor,
+    null_label: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> Generator[Progress, None, np.ndarray]:
+    n = data.shape[0]
+    out = np.empty_like(data)
+    if n == 0:
+        return out
+    batch = int(settings.batch_size)
+    chunks = math.ceil(n / batch)
+    k = len(plan)
+    per_chunk = k * (1 + settings.inversion_refinements) + k
+    total = chunks * per_chunk
+    done = 0
+
+    def relay(
+        gen: Generator[None, None, torch.Tensor], phase: Any
+    ) -> Generator[Progress, None, torch.Tensor]:
+        nonlocal done
+        try:
+            while True:
+                try:
+                    next(gen)
+                except StopIteration as stop:
+                    return stop.value
+                done += 1
+                yield Progress(done, total, phase)
+        finally:
+            gen.close()  # on our own close(): stop the inner generator too
+
+    for start in range(0, n, batch):
+        x0 = torch.from_numpy(data[start : start + batch]).to(device)
+        xt = yield from relay(
+            _invert_iter(model, x0, plan, alphas, null_label, settings.inversion_refinements,
+                         amp_dtype),
+            "invert",
+        )
+        healthy = yield from relay(
+            _decode_iter(model, xt, plan, alphas, settings.guidance, settings.target_label,
+                         null_label, settings.dynamic_normalisation, True, amp_dtype),
+            "decode",
+        )
+        out[start : start + batch] = healthy.to("cpu", torch.float32).numpy()
+    return out
+
+
+def counterfactual(
+    model: Predictor,
+    slices: np.ndarray | torch.Tensor,
+    settings: CounterfactualSettings | None = None,
+    progress_callback: Callable[[Progress], Any] | None = None,
+    *,
+    schedule: ScheduleSpec | None = None,
+    null_label: int | None = None,
+) -> np.ndarray:
+    """Run :func:`iter_counterfactual` to the end; ``progress_callback`` gets each Progress."""
+    gen = iter_counterfactual(model, slices, settings, schedule=schedule, null_label=null_label)
+    while True:
+        try:
+            progress = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress_callback is not None:
+            progress_callback(progress)

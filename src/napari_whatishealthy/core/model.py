@@ -1,0 +1,266 @@
+"""The model: a JSON-serialisable spec, the network built from it, and safe checkpoints.
+
+A checkpoint is a folder holding ``model.safetensors`` (weights only: loading never unpickles)
+and ``spec.json``. The network is MONAI's ``DiffusionModelUNet`` conditioned on the image-level
+label twice, as in "What is Healthy?": a class embedding added to the timestep embedding, and a
+label token fed to the attention blocks as cross-attention context. The null label (used for
+classifier-free guidance and for DDIM inversion) has a context token fixed at zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import WhatIsHealthyError
+
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "spec.json"
+SPEC_FORMAT = "napari-whatishealthy/model-spec/1"
+
+# Label convention, stored in every spec so that checkpoints say what their labels mean.
+HEALTHY = 0
+UNHEALTHY = 1
+NULL = 2
+DEFAULT_LABELS = {"healthy": HEALTHY, "unhealthy": UNHEALTHY, "null": NULL}
+
+
+class CheckpointError(WhatIsHealthyError):
+    """A checkpoint is missing, corrupt, unsafe, or does not fit its spec or the input."""
+
+
+@dataclass
+class NetworkSpec:
+    """Hyperparameters of MONAI's DiffusionModelUNet (2D)."""
+
+    channels: tuple[int, ...] = (32, 64, 128)
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    num_res_blocks: int = 1
+    num_head_channels: int = 32
+    norm_num_groups: int = 16
+    label_embedding_dim: int = 64
+    # SDPA halves the attention cost on CPU (see docs/engine.md).
+    use_flash_attention: bool = True
+
+
+@dataclass
+class ScheduleSpec:
+    """The diffusion process the network was trained on."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear_beta"  # MONAI scheduler name
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
+    # Training samples t from {0, stride, 2*stride, ...}; inference uses only those timesteps.
+    timestep_stride: int = 10
+
+    def trained_timesteps(self) -> torch.Tensor:
+        return torch.arange(0, self.num_train_timesteps, self.timestep_stride, dtype=torch.long)
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """alpha_bar_t for t = 0 .. T-1 (float64), from MONAI's DDIM scheduler."""
+        from monai.networks.schedulers import DDIMScheduler
+
+        scheduler = DDIMScheduler(
+            num_train_timesteps=self.num_train_timesteps,
+            schedule=self.beta_schedule,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+        )
+        return scheduler.alphas_cumprod.to(torch.float64)
+
+
+@dataclass
+class InferenceDefaults:
+    """Recommended settings: what `localize` and the widget use when the user gives none."""
+
+    guidance: float = 3.0
+    noise_level: float = 0.5
+    steps: int = 10
+    threshold: float = 0.15
+    dynamic_normalisation: bool = True
+    median_size: int = 3
+    min_component_voxels: int = 20
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model and use it correctly, serialisable to JSON."""
+
+    image_size: int = 64
+    modalities: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
+    labels: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LABELS))
+    network: NetworkSpec = field(default_factory=NetworkSpec)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    inference: InferenceDefaults = field(default_factory=InferenceDefaults)
+    normalisation: str = "brain-p99-to-[-1,1]"
+    name: str = "unnamed"
+    description: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.modalities)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["format"] = SPEC_FORMAT
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        data = dict(data)
+        fmt = data.pop("format", SPEC_FORMAT)
+        if fmt != SPEC_FORMAT:
+            raise CheckpointError(f"unknown spec format {fmt!r} (this version reads {SPEC_FORMAT!r})")
+        try:
+            network = NetworkSpec(**_tuples(data.pop("network", {})))
+            schedule = ScheduleSpec(**data.pop("schedule", {}))
+            inference = InferenceDefaults(**data.pop("inference", {}))
+            if "modalities" in data:
+                data["modalities"] = tuple(data["modalities"])
+            return cls(network=network, schedule=schedule, inference=inference, **data)
+        except TypeError as exc:
+            raise CheckpointError(f"the model spec has unknown or missing fields: {exc}") from exc
+
+
+def _tuples(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+class ConditionalUNet(nn.Module):
+    """DiffusionModelUNet plus the label embedding that gives it its cross-attention context."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        from monai.networks.nets import DiffusionModelUNet
+
+        net = spec.network
+        self.spec = spec
+        self.null_label = spec.labels["null"]
+        n_labels = len(spec.labels)
+        # Null label -> zero context token: the unconditional model of classifier-free guidance.
+        self.label_embedding = nn.Embedding(
+            n_labels, net.label_embedding_dim, padding_idx=self.null_label
+        )
+        self.unet = DiffusionModelUNet(
+            spatial_dims=2,
+            in_channels=spec.in_channels,
+            out_channels=spec.in_channels,
+            num_res_blocks=net.num_res_blocks,
+            channels=tuple(net.channels),
+            attention_levels=tuple(net.attention_levels),
+            norm_num_groups=net.norm_num_groups,
+            num_head_channels=net.num_head_channels,
+            with_conditioning=True,
+            cross_attention_dim=net.label_embedding_dim,
+            num_class_embeds=n_labels,
+            use_flash_attention=net.use_flash_attention,
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Predict the noise in ``x`` at timesteps ``t`` given labels (healthy/unhealthy/null)."""
+        context = self.label_embedding(labels)[:, None, :]
+        return self.unet(x, timesteps=t, context=context, class_labels=labels)
+
+
+def build_model(spec: ModelSpec) -> ConditionalUNet:
+    return ConditionalUNet(spec)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_checkpoint(model: ConditionalUNet, directory: str | Path, spec: ModelSpec | None = None) -> Path:
+    """Write weights (safetensors) and spec (JSON) into ``directory``, each atomically."""
+    from safetensors.torch import save_file
+
+    spec = spec or model.spec
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp_weights = directory / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp_weights), metadata={"format": SPEC_FORMAT})
+    tmp_weights.replace(directory / WEIGHTS_FILE)
+    tmp_spec = directory / (SPEC_FILE + ".tmp")
+    tmp_spec.write_text(spec.to_json())
+    tmp_spec.replace(directory / SPEC_FILE)
+    return directory
+
+
+def checkpoint_hash(directory: str | Path) -> str:
+    """SHA-256 of the weights file then the spec file: identifies a checkpoint in provenance."""
+    directory = Path(directory)
+    digest = hashlib.sha256()
+    for name in (WEIGHTS_FILE, SPEC_FILE):
+        with open(directory / name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def load_spec(directory: str | Path) -> ModelSpec:
+    path = Path(directory) / SPEC_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: no model spec here; a checkpoint is a folder with {SPEC_FILE} and {WEIGHTS_FILE}"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: the model spec is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: the model spec must be a JSON object")
+    return ModelSpec.from_dict(data)
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> ConditionalUNet:
+    """Load a checkpoint folder without executing any code from it.
+
+    Pickles, truncated or corrupt weight files, and weights that do not fit the spec are refused
+    with a ``CheckpointError`` that says what is wrong.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if directory.is_file():
+        raise CheckpointError(
+            f"{directory}: expected a checkpoint folder holding {SPEC_FILE} and {WEIGHTS_FILE}"
+        )
+    spec = load_spec(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: weights file missing from the checkpoint")
+    with open(weights, "rb") as fh:
+        head = fh.read(2)
+    if head[:1] == b"\x80" or head == b"PK":
+        raise CheckpointError(
+            f"{weights}: this is a pickle/zip file, not safetensors; pickled checkpoints are "
+            "refused because loading them can execute code. Convert it with safetensors."
+        )
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from exc
+    model = build_model(spec)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise CheckpointError(
+            f"{directory}: the weights do not match the spec ({' '.join(first)})"
+        ) from exc
+    model.eval()
+    return model.to(device)

@@ -1,0 +1,154 @@
+"""Preprocessing with an exact inverse: brain mask, normalisation, axial slices, model-size resize.
+
+The method's normalisation: each modality is divided by the 99th percentile of its brain voxels
+and mapped with ``x * 2 - 1`` (brain intensities mostly in [-1, 1], background at -1). Axial
+slices are cropped to one square box around the brain (the same box for every slice, so that the
+model sees the anatomy at one scale), resized to the model size, and only slices that hold brain
+are sent to the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+BACKGROUND = -1.0
+
+
+@dataclass
+class PreparedVolume:
+    """Model-space slices of one volume plus what is needed to map results back."""
+
+    slices: np.ndarray  # [N, C, S, S] float32, normalised
+    slice_index: np.ndarray  # [N] axial (z) index of each slice in the volume
+    box: tuple[int, int, int, int]  # x0, y0 (may be negative), side, side
+    scale: np.ndarray  # [C] the brain 99th percentile of each channel
+    brain: np.ndarray  # [X, Y, Z] bool
+    normalised: np.ndarray  # [C, X, Y, Z] float32, the whole volume normalised
+    size: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.brain.shape)  # type: ignore[return-value]
+
+
+def brain_mask(data: np.ndarray) -> np.ndarray:
+    """Brain = voxels non-zero in any channel (inputs are skull-stripped, as BraTS is)."""
+    return np.any(data != 0, axis=0)
+
+
+def normalise(data: np.ndarray, brain: np.ndarray, percentile: float = 99.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel brain percentile scaling to the method's [-1, 1] range; returns (array, scales)."""
+    channels = data.shape[0]
+    scales = np.ones(channels, dtype=np.float32)
+    out = np.full(data.shape, BACKGROUND, dtype=np.float32)
+    if brain.any():
+        for c in range(channels):
+            values = data[c][brain]
+            scale = float(np.percentile(values, percentile))
+            if scale <= 0:
+                scale = float(np.abs(values).max())
+            if scale <= 0:
+                raise InputError(
+                    f"channel {c} is zero everywhere inside the brain; check that the right file "
+                    "was given for this modality"
+                )
+            scales[c] = scale
+            out[c][brain] = data[c][brain] / scale * 2.0 - 1.0
+    return out, scales
+
+
+def denormalise(normalised: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Inverse of ``normalise`` (per channel, on a [C, ...] array)."""
+    shape = (-1,) + (1,) * (normalised.ndim - 1)
+    return ((normalised + 1.0) / 2.0 * scales.reshape(shape)).astype(np.float32)
+
+
+def square_box(brain: np.ndarray, margin: int = 4) -> tuple[int, int, int]:
+    """One square in-plane box (x0, y0, side) holding the brain of every axial slice."""
+    footprint = brain.any(axis=2)
+    if not footprint.any():
+        return 0, 0, max(brain.shape[0], brain.shape[1])
+    xs = np.flatnonzero(footprint.any(axis=1))
+    ys = np.flatnonzero(footprint.any(axis=0))
+    width = xs[-1] - xs[0] + 1
+    height = ys[-1] - ys[0] + 1
+    side = int(max(width, height) + 2 * margin)
+    x0 = int(xs[0] + (width - side) // 2)
+    y0 = int(ys[0] + (height - side) // 2)
+    return x0, y0, side
+
+
+def brain_slices(brain: np.ndarray, side: int, min_fraction: float = 0.02) -> np.ndarray:
+    """Axial slices with enough brain to be worth the network's time."""
+    area = brain.sum(axis=(0, 1))
+    return np.flatnonzero(area >= max(1, min_fraction * side * side))
+
+
+def _crop(volume: np.ndarray, x0: int, y0: int, side: int, fill: float) -> np.ndarray:
+    """Crop ``[C, X, Y, N]`` to the box, padding with ``fill`` where the box leaves the volume."""
+    c, nx, ny, n = volume.shape
+    out = np.full((c, side, side, n), fill, dtype=np.float32)
+    sx0, sy0 = max(x0, 0), max(y0, 0)
+    sx1, sy1 = min(x0 + side, nx), min(y0 + side, ny)
+    out[:, sx0 - x0 : sx1 - x0, sy0 - y0 : sy1 - y0] = volume[:, sx0:sx1, sy0:sy1]
+    return out
+
+
+def _resize(batch: np.ndarray, size: int) -> np.ndarray:
+    """Resize [N, C, H, W] to size x size; antialiased when shrinking."""
+    tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+    if tensor.shape[-1] == size:
+        return tensor.numpy().copy()
+    shrink = size < tensor.shape[-1]
+    out = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+    return out.numpy()
+
+
+def prepare(data: np.ndarray, size: int, brain: np.ndarray | None = None) -> PreparedVolume:
+    """Turn a ``[C, X, Y, Z]`` volume into normalised model-space axial slices ``[N, C, S, S]``."""
+    if data.ndim != 4:
+        raise InputError(f"expected a [C, X, Y, Z] array, got shape {data.shape}")
+    brain = brain_mask(data) if brain is None else brain.astype(bool)
+    normalised, scales = normalise(data, brain)
+    x0, y0, side = square_box(brain)
+    index = brain_slices(brain, side)
+    if index.size == 0:
+        slices = np.zeros((0, data.shape[0], size, size), dtype=np.float32)
+    else:
+        cropped = _crop(normalised[..., index], x0, y0, side, BACKGROUND)  # [C, side, side, N]
+        slices = _resize(cropped.transpose(3, 0, 1, 2), size)
+    return PreparedVolume(
+        slices=slices.astype(np.float32),
+        slice_index=index,
+        box=(x0, y0, side, side),
+        scale=scales,
+        brain=brain,
+        normalised=normalised,
+        size=size,
+    )
+
+
+def to_volume(prepared: PreparedVolume, slices: np.ndarray, fill: float = 0.0) -> np.ndarray:
+    """Inverse of the slicing and resize: model-space ``[N, C', S, S]`` -> ``[C', X, Y, Z]``.
+
+    Slices that were not processed get ``fill``.
+    """
+    nx, ny, nz = prepared.shape
+    channels = slices.shape[1]
+    out = np.full((channels, nx, ny, nz), fill, dtype=np.float32)
+    if slices.shape[0] == 0:
+        return out
+    x0, y0, side, _ = prepared.box
+    big = _resize(slices, side).transpose(1, 2, 3, 0)  # [C', side, side, N]
+    sx0, sy0 = max(x0, 0), max(y0, 0)
+    sx1, sy1 = min(x0 + side, nx), min(y0 + side, ny)
+    out[:, sx0:sx1, sy0:sy1][..., prepared.slice_index] = big[
+        :, sx0 - x0 : sx1 - x0, sy0 - y0 : sy1 - y0
+    ]
+    return out
