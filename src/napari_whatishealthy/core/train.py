@@ -224,8 +224,39 @@ def validation_loss(
     return total / count
 
 
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """Turn SIGTERM (a cluster's preemption, ``kill``) into KeyboardInterrupt, so the run saves.
+
+    Background jobs ignore SIGINT, so SIGTERM is the signal that reaches a training run there.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train(config: TrainConfig, log: Callable[[str], None] = print, show_progress: bool = True) -> Path:
-    """Train (or resume) and return the checkpoint folder; see the module docstring for files."""
+    """Train (or resume) and return the checkpoint folder; see the module docstring for files.
+
+    SIGTERM and Ctrl-C stop the run after saving a resumable state.
+    """
+    with _stop_on_sigterm():
+        return _train(config, log, show_progress)
+
+
+def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool) -> Path:
     from .runtime import tune_allocator
 
     tune_allocator()

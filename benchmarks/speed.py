@@ -1,0 +1,268 @@
+"""Speed: the project's pipeline against a straightforward reference loop, same model, same input.
+
+The reference loop mirrors the paper's reference code: every axial slice of the volume, one slice
+at a time, the unguided and the guided pass of each decoding step as two separate forward calls,
+float32, ``torch.no_grad`` rather than inference mode, no allocator tuning. The pipeline is
+``core.pipeline.localize`` with the model's recommended settings. Both use the same timestep plan,
+so their outputs must agree (checked below, within the stated tolerance; the pipeline runs the
+network in bf16 on CPU, which is where the difference comes from).
+
+Each measurement runs in a fresh subprocess so that peak memory (max RSS) is its own.
+
+    python benchmarks/speed.py            # the bundled default model, a BraTS-size synthetic volume
+    python benchmarks/speed.py --quick    # about a minute: reference timed on a few slices, extrapolated
+    python benchmarks/speed.py --tiny     # smoke test: tiny random model, tiny volume (seconds)
+
+The last line is ``speedup_vs_reference X`` (whole-volume reference time / pipeline time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# Tolerances for "the outputs agree": healthy slices in normalised units ([-1, 1]).
+MEAN_ABS_TOLERANCE = 0.02
+P99_ABS_TOLERANCE = 0.15
+# The reference code's own inference settings (Diff-SCM): 75 inversion + 75 decoding steps.
+REFERENCE_CODE_STEPS = 75
+REFERENCE_CODE_NOISE = 0.75
+
+
+def _tiny_spec():
+    from napari_whatishealthy.core.model import ModelSpec, NetworkSpec
+
+    return ModelSpec(
+        image_size=16,
+        network=NetworkSpec(channels=(8, 16), attention_levels=(False, True), norm_num_groups=8,
+                            num_head_channels=8, label_embedding_dim=8),
+    )
+
+
+def _load(args: argparse.Namespace):
+    """(model, spec, description) for the chosen model; random weights where none is bundled."""
+    import torch
+
+    from napari_whatishealthy.core.model import build_model
+
+    if args.tiny:
+        torch.manual_seed(0)
+        spec = _tiny_spec()
+        return build_model(spec).eval(), spec, "tiny random-init model (smoke test)"
+    from napari_whatishealthy.core.errors import WhatIsHealthyError
+    from napari_whatishealthy.core.registry import load_model_cached, resolve_model
+
+    try:
+        path = resolve_model(args.model)
+        model, spec, digest = load_model_cached(path, "cpu")
+        return model, spec, f"{path} (sha256 {digest[:12]})"
+    except WhatIsHealthyError as exc:
+        from napari_whatishealthy.core.model import ModelSpec
+
+        torch.manual_seed(0)
+        spec = ModelSpec()
+        return build_model(spec).eval(), spec, f"random-init default architecture ({exc})"
+
+
+def _volume(args: argparse.Namespace) -> np.ndarray:
+    """The input: a case folder, or a synthetic BraTS-size case (cached between subprocesses)."""
+    from napari_whatishealthy.core.volume import load_volume
+
+    if args.case:
+        return load_volume(args.case).select(("flair", "t1", "t1ce", "t2")).data
+    voxel = 6.0 if args.tiny else 1.0
+    cache = Path(tempfile.gettempdir()) / f"whatishealthy-speed-case-{voxel}.npy"
+    if cache.exists():
+        return np.load(cache)
+    from napari_whatishealthy.core.synthetic import make_case
+
+    images, _, _, _ = make_case("speed", 11, "typical", voxel_size=voxel)
+    data = np.stack([images[m] for m in ("flair", "t1", "t1ce", "t2")]).astype(np.float32)
+    np.save(cache, data)
+    return data
+
+
+def _reference_counterfactual(model, slices, plan, alphas, guidance, dyn_norm):
+    """The straightforward loop: one slice at a time, separate guided passes, float32, no_grad."""
+    import torch
+
+    from napari_whatishealthy.core.counterfactual import dynamic_normalise
+    from napari_whatishealthy.core.model import HEALTHY, NULL
+
+    out = []
+    for s in range(slices.shape[0]):
+        x = torch.from_numpy(slices[s : s + 1].copy())
+        levels = [1.0] + [float(alphas[t]) for t in plan]
+        net_t = [0] + list(plan)
+        null = torch.tensor([NULL])
+        healthy = torch.tensor([HEALTHY])
+        with torch.no_grad():
+            for i in range(len(plan)):  # DDIM inversion with the null label
+                a, b = levels[i], levels[i + 1]
+                eps = model(x, torch.tensor([net_t[i]]), null)
+                x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
+                x = b**0.5 * x0 + (1 - b) ** 0.5 * eps
+            for i in range(len(plan), 0, -1):  # guided decoding, two forward calls per step
+                a, b = levels[i], levels[i - 1]
+                t = torch.tensor([plan[i - 1]])
+                eps_null = model(x, t, null)
+                eps_healthy = model(x, t, healthy)
+                eps = eps_null + guidance * (eps_healthy - eps_null)
+                x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
+                if dyn_norm:
+                    x0 = dynamic_normalise(x0)
+                    eps = (x - a**0.5 * x0) / (1 - a) ** 0.5
+                x = b**0.5 * x0 + (1 - b) ** 0.5 * eps
+        out.append(x.numpy())
+    return np.concatenate(out)
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """One measurement in this (fresh) process; prints a JSON line."""
+    import torch
+
+    from napari_whatishealthy.core.counterfactual import timestep_plan
+    from napari_whatishealthy.core.pipeline import LocalizeSettings, localize, remask
+    from napari_whatishealthy.core.preprocess import prepare
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, spec, description = _load(args)
+    data = _volume(args)
+    settings = LocalizeSettings.from_spec(spec, device="cpu")
+    result: dict = {"model": description, "shape": list(data.shape[1:])}
+    if args.worker == "reference":
+        prepared = prepare(data, spec.image_size)
+        # The reference processes every axial slice of the volume, brain or not.
+        from napari_whatishealthy.core.preprocess import _crop, _resize
+
+        x0, y0, side, _ = prepared.box
+        every = _resize(_crop(prepared.normalised, x0, y0, side, -1.0).transpose(3, 0, 1, 2), spec.image_size)
+        plan = timestep_plan(spec.schedule, settings.noise_level, settings.steps)
+        alphas = spec.schedule.alphas_cumprod().numpy()
+        n_all = every.shape[0]
+        timed = every if args.reference_slices is None else every[prepared.slice_index[: args.reference_slices]]
+        started = time.perf_counter()
+        healthy = _reference_counterfactual(model, timed, plan, alphas, settings.guidance,
+                                            settings.dynamic_normalisation)
+        elapsed = time.perf_counter() - started
+        per_slice = elapsed / timed.shape[0]
+        result.update(per_slice_s=per_slice, volume_s=per_slice * n_all, slices=n_all,
+                      extrapolated=timed.shape[0] != n_all, forwards_per_slice=3 * len(plan),
+                      forward_s=per_slice / (3 * len(plan)))
+        if args.compare_out:
+            np.save(args.compare_out, healthy[: args.compare_slices])
+            np.save(args.compare_out + ".input.npy", timed[: args.compare_slices])
+    elif args.worker == "pipeline":
+        from napari_whatishealthy.core.runtime import tune_allocator
+
+        tune_allocator()
+        prepared = prepare(data, spec.image_size)
+        centre = int(prepared.slice_index[len(prepared.slice_index) // 2])
+        localize(model, spec, data, settings, z_slices=[centre])  # warm-up (kernels, caches)
+        started = time.perf_counter()
+        localize(model, spec, data, settings, z_slices=[centre])
+        preview = time.perf_counter() - started
+        started = time.perf_counter()
+        full = localize(model, spec, data, settings)
+        volume_s = time.perf_counter() - started
+        timings = []
+        for i in range(20):
+            t0 = time.perf_counter()
+            remask(full, float(np.quantile(full.difference[full.brain], 0.9 + 0.004 * i)),
+                   settings.min_component_voxels, True)
+            timings.append(time.perf_counter() - t0)
+        result.update(preview_s=preview, volume_s=volume_s, slices=int(len(prepared.slice_index)),
+                      remask_ms=1000 * float(np.median(timings)))
+        if args.compare_out:
+            from napari_whatishealthy.core.counterfactual import CounterfactualSettings, counterfactual
+
+            ref_input = np.load(args.compare_out + ".input.npy")
+            cf = counterfactual(model, ref_input, CounterfactualSettings.from_spec(
+                spec, device="cpu", guidance=settings.guidance, noise_level=settings.noise_level,
+                steps=settings.steps, dynamic_normalisation=settings.dynamic_normalisation))
+            ref = np.load(args.compare_out)
+            diff = np.abs(cf - ref)
+            result.update(mean_abs=float(diff.mean()), p99_abs=float(np.quantile(diff, 0.99)))
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    return result
+
+
+def _spawn(args: argparse.Namespace, role: str, extra: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--worker", role, "--model", args.model] + extra
+    if args.tiny:
+        cmd.append("--tiny")
+    if args.case:
+        cmd += ["--case", args.case]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = dict(os.environ)
+    env.pop("GLIBC_TUNABLES", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"benchmark worker {role} failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--case", default=None, help="a case folder instead of the synthetic volume")
+    parser.add_argument("--quick", action="store_true", help="time the reference on a few slices only")
+    parser.add_argument("--tiny", action="store_true", help="smoke test: tiny model and volume")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--worker", choices=["reference", "pipeline"], help=argparse.SUPPRESS)
+    parser.add_argument("--reference-slices", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--compare-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--compare-slices", type=int, default=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+
+    import torch
+
+    compare = str(Path(tempfile.mkdtemp(prefix="whatishealthy-speed-")) / "ref.npy")
+    n_ref = 4 if (args.quick or args.tiny) else None
+    ref = _spawn(args, "reference", ["--compare-out", compare] + (
+        ["--reference-slices", str(n_ref)] if n_ref else []))
+    ours = _spawn(args, "pipeline", ["--compare-out", compare])
+    agree = ours["mean_abs"] <= MEAN_ABS_TOLERANCE and ours["p99_abs"] <= P99_ABS_TOLERANCE
+    ref_code_volume = ref["forward_s"] * ref["slices"] * 3 * REFERENCE_CODE_STEPS
+    rows = [
+        ("reference loop" + (" (extrapolated)" if ref["extrapolated"] else ""),
+         ref["per_slice_s"], ref["volume_s"], ref["slices"], ref["peak_rss_gb"]),
+        ("pipeline", ours["preview_s"], ours["volume_s"], ours["slices"], ours["peak_rss_gb"]),
+    ]
+    print(f"model: {ours['model']}")
+    print(f"volume: {ours['shape']}  device: cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+          f"  torch {torch.__version__}  threads {torch.get_num_threads()}")
+    print()
+    print(f"| {'method':<34} | {'one-slice preview s':>19} | {'whole volume s':>14} | {'slices':>6} | {'peak memory GB':>14} |")
+    print(f"|{'-' * 36}|{'-' * 21}|{'-' * 16}|{'-' * 8}|{'-' * 16}|")
+    for name, preview, volume, slices, mem in rows:
+        print(f"| {name:<34} | {preview:>19.3f} | {volume:>14.1f} | {slices:>6d} | {mem:>14.2f} |")
+    print()
+    print(f"threshold slider (remask of the whole volume): {ours['remask_ms']:.1f} ms (median of 20)")
+    print(f"outputs agree: {'yes' if agree else 'NO'} (healthy slices, normalised units: mean |diff| "
+          f"{ours['mean_abs']:.4f} <= {MEAN_ABS_TOLERANCE}, 99th pct {ours['p99_abs']:.4f} <= {P99_ABS_TOLERANCE})")
+    print(f"the reference code's own settings ({REFERENCE_CODE_STEPS}+{REFERENCE_CODE_STEPS} steps, "
+          f"L={REFERENCE_CODE_NOISE}) would take about {ref_code_volume:.0f} s for this volume "
+          f"(end-to-end speedup {ref_code_volume / ours['volume_s']:.1f}x)")
+    print(f"speedup_vs_reference {ref['volume_s'] / ours['volume_s']:.2f}")
+    return 0 if agree else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

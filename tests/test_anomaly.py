@@ -1,0 +1,158 @@
+"""Difference maps, smoothing, thresholds and masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from scipy import ndimage
+
+from napari_whatishealthy.core.anomaly import (
+    difference_maps,
+    erode_mask,
+    healthy_percentile_threshold,
+    make_mask,
+    median_smooth,
+    otsu_threshold,
+    restrict_to,
+)
+from napari_whatishealthy.core.errors import WhatIsHealthyError
+
+
+def test_difference_maps_known_values() -> None:
+    original = np.zeros((2, 3, 4), np.float32)  # channels first
+    healthy = np.zeros_like(original)
+    original[0, 1, 2] = 0.5
+    healthy[1, 1, 2] = 0.25
+    mean, per_channel = difference_maps(original, healthy, channel_axis=0)
+    assert mean.shape == (3, 4) and per_channel.shape == (2, 3, 4)
+    assert mean.dtype == np.float32
+    assert mean[1, 2] == pytest.approx(0.375)
+    assert per_channel[0, 1, 2] == 0.5 and per_channel[1, 1, 2] == 0.25
+    assert mean.sum() == pytest.approx(0.375)
+    # channel last gives the same map
+    mean_last, _ = difference_maps(np.moveaxis(original, 0, -1), np.moveaxis(healthy, 0, -1), -1)
+    np.testing.assert_array_equal(mean_last, mean)
+    with pytest.raises(WhatIsHealthyError):
+        difference_maps(original, healthy[:1], 0)
+
+
+def test_median_smooth_per_slice_and_3d() -> None:
+    vol = np.zeros((9, 9, 5), np.float32)
+    vol[4, 4, 2] = 1.0  # an isolated spike disappears
+    vol[2:7, 2:7, :] += 2.0  # a plateau survives
+    out = median_smooth(vol, 3, slice_axis=-1)
+    assert out[4, 4, 2] == 2.0 and out[0, 0, 0] == 0.0
+    # per slice: a spike spanning the slice axis is still removed in-plane only
+    col = np.zeros((7, 7, 7), np.float32)
+    col[3, 3, :] = 1.0
+    assert median_smooth(col, 3, slice_axis=-1).max() == 0.0
+    rng = np.random.default_rng(0)
+    noisy = rng.random((8, 9, 6)).astype(np.float32)
+    np.testing.assert_array_equal(median_smooth(noisy, 3, slice_axis=0),
+                                  ndimage.median_filter(noisy, size=(1, 3, 3)))
+    np.testing.assert_array_equal(median_smooth(noisy, 5, slice_axis=-1),
+                                  ndimage.median_filter(noisy, size=(5, 5, 1)))
+    np.testing.assert_array_equal(median_smooth(vol, 3, slice_axis=None),
+                                  ndimage.median_filter(vol, size=3))
+    np.testing.assert_array_equal(median_smooth(vol, 1), vol)
+
+
+def test_restrict_and_erode() -> None:
+    values = np.arange(16, dtype=np.float32).reshape(4, 4)
+    brain = np.zeros((4, 4), bool)
+    brain[1:3, 1:3] = True
+    out = restrict_to(values, brain)
+    assert out[1, 1] == 5 and out[0, 0] == 0 and out.sum() == 5 + 6 + 9 + 10
+    big = np.zeros((7, 7, 7), bool)
+    big[1:6, 1:6, 1:6] = True
+    assert erode_mask(big, 1).sum() == 27
+    with pytest.raises(WhatIsHealthyError):
+        restrict_to(values, brain[:2])
+
+
+def test_make_mask_known_map() -> None:
+    diff = np.zeros((10, 10, 10), np.float32)
+    diff[2:5, 2:5, 2:5] = 0.8  # 27 voxels
+    diff[8, 8, 8] = 0.9  # 1 voxel
+    diff[0, 9, 0:3] = 0.7  # 3 voxels
+    brain = np.ones_like(diff, dtype=bool)
+    brain[0] = False
+    mask = make_mask(diff, 0.5)
+    assert mask.dtype == np.uint8 and mask.sum() == 31
+    assert make_mask(diff, 0.8).sum() == 1  # strictly above
+    assert make_mask(diff, 0.5, brain_mask=brain).sum() == 28
+    assert make_mask(diff, 0.5, min_component_voxels=2).sum() == 30
+    assert make_mask(diff, 0.5, min_component_voxels=4).sum() == 27
+    assert make_mask(diff, 0.5, min_component_voxels=28).sum() == 0
+    assert make_mask(diff, 2.0, min_component_voxels=5).sum() == 0
+    # diagonal neighbours: separate under face connectivity, joined under full connectivity
+    d2 = np.zeros((5, 5), np.float32)
+    d2[1, 1] = d2[2, 2] = d2[3, 3] = 1.0
+    assert make_mask(d2, 0.5, min_component_voxels=2).sum() == 0
+    assert make_mask(d2, 0.5, min_component_voxels=2, connectivity=2).sum() == 3
+
+
+def _reference_mask(diff, thr, brain, min_size, connectivity):
+    above = diff > thr
+    if brain is not None:
+        above &= brain
+    if min_size > 1:
+        lab, _ = ndimage.label(above, ndimage.generate_binary_structure(diff.ndim, connectivity))
+        sizes = np.bincount(lab.ravel())
+        above = (sizes[lab] >= min_size) & (lab > 0)
+    return above.astype(np.uint8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    diff=hnp.arrays(np.float32, st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 6)),
+                    elements=st.floats(0, 1, width=32)),
+    thr=st.floats(0, 1),
+    min_size=st.integers(0, 6),
+    connectivity=st.integers(1, 3),
+    use_brain=st.booleans(),
+)
+def test_make_mask_matches_reference(diff, thr, min_size, connectivity, use_brain) -> None:
+    brain = (np.indices(diff.shape).sum(0) % 3 != 0) if use_brain else None
+    got = make_mask(diff, thr, brain, min_size, connectivity)
+    np.testing.assert_array_equal(got, _reference_mask(diff, thr, brain, min_size, connectivity))
+
+
+def test_make_mask_does_not_touch_its_inputs() -> None:
+    rng = np.random.default_rng(0)
+    diff = rng.random((20, 20, 8)).astype(np.float32)
+    brain = rng.random((20, 20, 8)) > 0.2
+    d0, b0 = diff.copy(), brain.copy()
+    make_mask(diff, 0.6, brain, 3)
+    np.testing.assert_array_equal(diff, d0)
+    np.testing.assert_array_equal(brain, b0)
+
+
+def test_otsu_between_modes() -> None:
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0.1, 0.03, 5000), rng.normal(0.6, 0.05, 1000)])
+    t = otsu_threshold(values)
+    assert 0.1 < t < 0.6
+    low_mode = np.arange(values.size) < 5000
+    assert ((values > t) == ~low_mode).mean() > 0.999  # it separates the two modes
+    skimage = pytest.importorskip("skimage.filters")
+    assert t == pytest.approx(skimage.threshold_otsu(values), abs=1e-9)
+    assert otsu_threshold(np.full(10, 0.3)) == 0.3
+    with pytest.raises(WhatIsHealthyError):
+        otsu_threshold(np.array([]))
+
+
+def test_healthy_percentile_threshold() -> None:
+    diff = np.concatenate([np.linspace(0, 1, 101), np.full(50, 5.0)])
+    healthy = np.zeros(diff.shape, bool)
+    healthy[:101] = True
+    assert healthy_percentile_threshold(diff, healthy, 99) == pytest.approx(0.99)
+    assert healthy_percentile_threshold(diff, healthy, 50) == pytest.approx(0.5)
+    # at most (100 - p) % of the healthy region lies above it
+    t = healthy_percentile_threshold(diff, healthy, 95)
+    assert (diff[healthy] > t).mean() <= 0.05
+    with pytest.raises(WhatIsHealthyError):
+        healthy_percentile_threshold(diff, np.zeros(diff.shape, bool))
