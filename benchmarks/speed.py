@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"volume: {ours['shape']}  device: cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
           f"  torch {torch.__version__}  threads {torch.get_num_threads()}")
     print()
-    print(f"| {'method':<34} | {'one-slice preview s':>19} | {'whole volume s':>14} | {'slices':>6} | {'peak memory GB':>14} |")
+    header = ("method", "one-slice preview s", "whole volume s", "slices", "peak memory GB")
+    print(f"| {header[0]:<34} | {header[1]:>19} | {header[2]:>14} | {header[3]:>6} | {header[4]:>14} |")
     print(f"|{'-' * 36}|{'-' * 21}|{'-' * 16}|{'-' * 8}|{'-' * 16}|")
     for name, preview, volume, slices, mem in rows:
         print(f"| {name:<34} | {preview:>19.3f} | {volume:>14.1f} | {slices:>6d} | {mem:>14.2f} |")

@@ -1,0 +1,521 @@
+"""The one pipeline both front ends call: volume -> healthy counterfactual -> difference -> mask.
+
+``iter_localize`` runs the whole path on a canonical ``[C, X, Y, Z]`` volume and yields the
+counterfactual's :class:`Progress` after every network call (so a GUI can show progress and stop
+between steps); it *returns* a :class:`LocalizeResult`. ``localize`` runs it to the end.
+``remask`` recomputes the mask from a result in milliseconds (the GUI threshold slider), and
+``write_outputs`` writes a result next to its source grid (the CLI, and the widget's save).
+
+Resolution and where each output is computed
+--------------------------------------------
+The network works on ``S x S`` model-space slices (64 x 64 for the default model), the input is
+usually finer (240 x 240 for BraTS). Two choices follow from that:
+
+* The **difference** is computed in model space, ``|input_S - healthy_S|`` averaged over
+  channels, where the input and its counterfactual are at the same resolution, and only then
+  mapped back to the volume grid (bilinear, the exact inverse of the slicing and crop). Computing
+  it at full resolution instead would count the resampling blur of every edge as anomaly.
+  Axial slices that were not processed (no brain, or outside ``z_slices``) get 0.
+* The **healthy image** is ``input - upsample(input_S - healthy_S)`` in normalised units, mapped
+  back to the input's intensities: the full-resolution input minus the change the model made.
+  Where the model changed nothing it is the input itself, voxel for voxel, with all its detail;
+  where it removed a lesion the change appears at model resolution. Upsampling ``healthy_S``
+  directly would blur the whole scan and make it differ from the input everywhere. The change is
+  applied inside the brain only; the background stays exactly as in the input.
+
+The difference (and so the threshold) is in normalised units: intensities divided by the brain's
+99th percentile and mapped to [-1, 1], so 0.1 is 5 % of that percentile. It is median filtered
+in-plane (``median_size``) before thresholding; the mask is restricted to the brain
+(``brain_only``) and components smaller than ``min_component_voxels`` are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Generator, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .anomaly import difference_maps, make_mask, median_smooth, otsu_threshold
+from .counterfactual import AmpSetting, CounterfactualSettings, Progress, iter_counterfactual
+from .device import resolve_device
+from .errors import InputError, WhatIsHealthyError
+from .model import ModelSpec
+from .preprocess import PreparedVolume, prepare, to_volume
+from .provenance import make_provenance, write_json_atomic
+
+__all__ = [
+    "LocalizeResult",
+    "LocalizeSettings",
+    "Progress",
+    "THRESHOLD_CHOICES",
+    "iter_localize",
+    "localize",
+    "output_paths",
+    "parse_threshold",
+    "remask",
+    "resolve_threshold",
+    "write_outputs",
+]
+
+THRESHOLD_CHOICES = ("auto", "otsu")
+
+
+def parse_threshold(value: float | str | None) -> float | str | None:
+    """A threshold setting from user text: a number >= 0, ``"auto"`` or ``"otsu"`` (None: None)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in THRESHOLD_CHOICES:
+            return text
+        try:
+            number = float(text)
+        except ValueError:
+            raise WhatIsHealthyError(
+                f"threshold {value!r} is not a number, 'auto' (the model's recommended value) "
+                "or 'otsu'"
+            ) from None
+    elif isinstance(value, bool):
+        raise WhatIsHealthyError(f"threshold must be a number, 'auto' or 'otsu', got {value!r}")
+    else:
+        number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise WhatIsHealthyError(f"threshold must be a finite number >= 0, got {value!r}")
+    return number
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+@dataclass
+class LocalizeSettings:
+    """Every knob of one localization; :meth:`from_spec` takes the model's recommended values.
+
+    ``threshold``: a number (difference in normalised units), ``"auto"`` (the model spec's
+    recommended threshold) or ``"otsu"`` (Otsu's threshold of the difference inside the brain of
+    this volume). ``seed`` seeds torch before the run (DDIM with eta = 0 is deterministic; the
+    seed is recorded so that any stochastic variant stays reproducible).
+    """
+
+    guidance: float = 3.0
+    noise_level: float = 0.5
+    steps: int = 10
+    threshold: float | str = "auto"
+    median_size: int = 3
+    min_component_voxels: int = 20
+    dynamic_normalisation: bool = True
+    brain_only: bool = True
+    device: str = "auto"
+    batch_size: int = 64
+    amp: AmpSetting = "auto"
+    seed: int | None = 0
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, **overrides: Any) -> LocalizeSettings:
+        """Settings from ``spec.inference``; overrides whose value is None are ignored."""
+        inf = spec.inference
+        base = cls(
+            guidance=inf.guidance,
+            noise_level=inf.noise_level,
+            steps=inf.steps,
+            threshold="auto",
+            median_size=inf.median_size,
+            min_component_voxels=inf.min_component_voxels,
+            dynamic_normalisation=inf.dynamic_normalisation,
+        )
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise WhatIsHealthyError(f"unknown setting(s) {unknown}; known: {sorted(known)}")
+        if "threshold" in overrides:
+            overrides["threshold"] = parse_threshold(overrides["threshold"])
+        settings = dataclasses.replace(base, **overrides)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        parse_threshold(self.threshold)
+        if not _is_int(self.median_size) or self.median_size < 1:
+            raise WhatIsHealthyError(
+                f"median_size must be an integer >= 1 (1: no smoothing), got {self.median_size!r}"
+            )
+        if not _is_int(self.min_component_voxels) or self.min_component_voxels < 0:
+            raise WhatIsHealthyError(
+                f"min_component_voxels must be an integer >= 0, got {self.min_component_voxels!r}"
+            )
+        if self.seed is not None and not _is_int(self.seed):
+            raise WhatIsHealthyError(f"seed must be an integer, got {self.seed!r}")
+        self.counterfactual_settings().validate()
+
+    def counterfactual_settings(self, spec: ModelSpec | None = None) -> CounterfactualSettings:
+        """The settings of the diffusion part (target label from ``spec`` when given)."""
+        values = dict(
+            guidance=self.guidance,
+            noise_level=self.noise_level,
+            steps=self.steps,
+            dynamic_normalisation=self.dynamic_normalisation,
+            batch_size=self.batch_size,
+            device=self.device,
+            amp=self.amp,
+        )
+        if spec is not None:
+            return CounterfactualSettings.from_spec(spec, **values)
+        return CounterfactualSettings(**values)
+
+
+@dataclass
+class LocalizeResult:
+    """One localization. Arrays are canonical RAS ``[..., X, Y, Z]`` like the input.
+
+    ``difference`` is the anomaly score that is thresholded: the model-space difference mapped
+    back and median filtered (normalised units, 0 on unprocessed slices). ``difference_per_channel``
+    is the unsmoothed difference of each channel. ``healthy`` is in the input's intensity units.
+    """
+
+    healthy: np.ndarray  # [C, X, Y, Z] float32
+    difference: np.ndarray  # [X, Y, Z] float32
+    difference_per_channel: np.ndarray  # [C, X, Y, Z] float32
+    mask: np.ndarray  # [X, Y, Z] uint8
+    brain: np.ndarray  # [X, Y, Z] bool
+    threshold_used: float
+    settings: LocalizeSettings
+    provenance: dict[str, Any]
+    modalities: tuple[str, ...] = ()
+    processed_slices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    recommended_threshold: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.mask.shape)  # type: ignore[return-value]
+
+
+def resolve_threshold(
+    threshold: float | str | None,
+    difference: np.ndarray,
+    brain: np.ndarray,
+    recommended: float,
+) -> float:
+    """The number a threshold setting means for this difference map."""
+    value = parse_threshold(threshold)
+    if value is None or value == "auto":
+        return float(recommended)
+    if value == "otsu":
+        inside = difference[brain]
+        if inside.size == 0:
+            return float(recommended)
+        return float(otsu_threshold(inside))
+    return float(value)
+
+
+def remask(
+    result: LocalizeResult,
+    threshold: float | str | None = None,
+    min_component_voxels: int | None = None,
+    brain_only: bool = True,
+) -> np.ndarray:
+    """A new uint8 mask from ``result.difference`` (``result`` itself is not changed).
+
+    ``threshold``: a number, ``"auto"``, ``"otsu"`` or None (``result.threshold_used``);
+    ``min_component_voxels`` None keeps the result's setting. Milliseconds on a BraTS volume.
+    """
+    if threshold is None:
+        value = result.threshold_used
+    else:
+        value = resolve_threshold(
+            threshold, result.difference, result.brain, result.recommended_threshold
+        )
+    if min_component_voxels is None:
+        min_component_voxels = result.settings.min_component_voxels
+    return make_mask(
+        result.difference,
+        value,
+        brain_mask=result.brain if brain_only else None,
+        min_component_voxels=int(min_component_voxels),
+    )
+
+
+def _check_data(data: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    data = np.asarray(data)
+    if data.ndim != 4:
+        raise InputError(f"expected a [C, X, Y, Z] volume, got an array of shape {data.shape}")
+    if data.shape[0] != spec.in_channels:
+        raise InputError(
+            f"the model expects {spec.in_channels} channel(s) {', '.join(spec.modalities)}, "
+            f"the volume has {data.shape[0]}"
+        )
+    if min(data.shape[1:]) < 2:
+        raise InputError(f"a volume of shape {data.shape[1:]} is not 3D")
+    if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
+        raise InputError(f"unsupported data type {data.dtype}; a real-valued volume is needed")
+    data = data.astype(np.float32, copy=False)
+    if not np.isfinite(data).all():
+        raise InputError("the volume contains NaN or infinite voxels; replace them first")
+    return data
+
+
+def _restrict(prepared: PreparedVolume, z_slices: Iterable[int] | None) -> PreparedVolume:
+    if z_slices is None:
+        return prepared
+    nz = prepared.shape[2]
+    wanted = np.unique(np.asarray(list(z_slices), dtype=np.int64).ravel())
+    bad = wanted[(wanted < 0) | (wanted >= nz)]
+    if bad.size:
+        raise WhatIsHealthyError(
+            f"axial slice(s) {bad.tolist()} are outside the volume (0..{nz - 1})"
+        )
+    keep = np.isin(prepared.slice_index, wanted)
+    return dataclasses.replace(
+        prepared, slices=prepared.slices[keep], slice_index=prepared.slice_index[keep]
+    )
+
+
+def _model_device(model: Any, fallback: str) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return resolve_device(fallback)
+
+
+def iter_localize(
+    model: Any,
+    spec: ModelSpec,
+    data: np.ndarray,
+    settings: LocalizeSettings | None = None,
+    z_slices: Sequence[int] | None = None,
+    *,
+    model_path: str | Path | None = None,
+    model_hash: str | None = None,
+    inputs: Iterable[str | Path] = (),
+) -> Generator[Progress, None, LocalizeResult]:
+    """Localize lesions in ``data`` (``[C, X, Y, Z]`` canonical, channels in ``spec.modalities``
+    order), step by step.
+
+    Yields a :class:`Progress` after each network call and returns the :class:`LocalizeResult`
+    as the ``StopIteration`` value; ``close()`` stops at the current step with nothing returned.
+    ``z_slices`` restricts the work to those axial slices (a one-slice preview); the others are
+    left as in the input (difference 0, healthy = input). ``model_path``, ``model_hash`` and
+    ``inputs`` only go into the provenance. Bad input is refused here, at call time.
+    """
+    settings = settings or LocalizeSettings.from_spec(spec)
+    settings.validate()
+    data = _check_data(data, spec)
+    prepared = prepare(data, spec.image_size)
+    sub = _restrict(prepared, z_slices)
+    cf_settings = settings.counterfactual_settings(spec)
+    device = _model_device(model, settings.device)
+    # iter_counterfactual checks the model, the slices and the settings now, not at next().
+    inner = iter_counterfactual(model, sub.slices, cf_settings)
+    return _run(
+        inner, data, prepared, sub, settings, spec, device, z_slices,
+        model_path, model_hash, tuple(inputs),
+    )
+
+
+def _run(
+    inner: Generator[Progress, None, np.ndarray],
+    data: np.ndarray,
+    prepared: PreparedVolume,
+    sub: PreparedVolume,
+    settings: LocalizeSettings,
+    spec: ModelSpec,
+    device: torch.device,
+    z_slices: Sequence[int] | None,
+    model_path: str | Path | None,
+    model_hash: str | None,
+    inputs: tuple,
+) -> Generator[Progress, None, LocalizeResult]:
+    started = time.time()
+    if settings.seed is not None:
+        torch.manual_seed(int(settings.seed))
+    try:
+        healthy_s = yield from inner
+    finally:
+        inner.close()
+    if healthy_s is None:  # closed from outside
+        return None  # type: ignore[return-value]
+    t_model = time.time() - started
+    warnings: list[str] = []
+    brain = prepared.brain
+    if not brain.any():
+        warnings.append("no brain voxels found (all-zero volume?): nothing to localize, "
+                        "the mask is empty")
+    elif sub.slice_index.size == 0:
+        warnings.append("none of the requested axial slices holds brain; nothing was processed")
+
+    input_s = sub.slices
+    _, per_s = difference_maps(input_s, healthy_s, channel_axis=1)
+    per_channel = np.maximum(to_volume(sub, per_s, fill=0.0), 0.0)
+    raw = per_channel.mean(axis=0)  # = to_volume of the channel mean: the resize is linear
+    difference = median_smooth(raw, settings.median_size, slice_axis=-1).astype(np.float32)
+
+    delta = to_volume(sub, input_s - healthy_s, fill=0.0)  # [C, X, Y, Z], normalised units
+    delta[:, ~brain] = 0.0
+    # normalised = data / scale * 2 - 1, so a change d in normalised units is d * scale / 2.
+    healthy = data - delta * (prepared.scale.reshape(-1, 1, 1, 1) / 2.0)
+    if data.size and float(data.min()) >= 0.0:
+        np.maximum(healthy, 0.0, out=healthy)
+    healthy = healthy.astype(np.float32, copy=False)
+
+    recommended = float(spec.inference.threshold)
+    threshold_used = resolve_threshold(settings.threshold, difference, brain, recommended)
+    mask = make_mask(
+        difference,
+        threshold_used,
+        brain_mask=brain if settings.brain_only else None,
+        min_component_voxels=settings.min_component_voxels,
+    )
+    provenance = make_provenance(
+        settings=settings,
+        device=str(device),
+        model_path=model_path,
+        model_hash=model_hash,
+        model_name=spec.name,
+        inputs=inputs,
+        threshold_used=threshold_used,
+        extra={
+            "model_image_size": spec.image_size,
+            "modalities": list(spec.modalities),
+            "recommended_threshold": recommended,
+            "counterfactual": settings.counterfactual_settings(spec),
+            "volume_shape": list(data.shape[1:]),
+            "slices_processed": int(sub.slice_index.size),
+            "z_slices": None if z_slices is None else [int(z) for z in z_slices],
+            "mask_voxels": int(mask.sum()),
+            "brain_voxels": int(brain.sum()),
+            "seconds": round(time.time() - started, 3),
+            "seconds_model": round(t_model, 3),
+            "warnings": warnings,
+        },
+    )
+    return LocalizeResult(
+        healthy=healthy,
+        difference=difference,
+        difference_per_channel=per_channel.astype(np.float32, copy=False),
+        mask=mask,
+        brain=brain,
+        threshold_used=threshold_used,
+        settings=settings,
+        provenance=provenance,
+        modalities=tuple(spec.modalities),
+        processed_slices=sub.slice_index.copy(),
+        recommended_threshold=recommended,
+        warnings=warnings,
+    )
+
+
+def localize(
+    model: Any,
+    spec: ModelSpec,
+    data: np.ndarray,
+    settings: LocalizeSettings | None = None,
+    z_slices: Sequence[int] | None = None,
+    progress_callback: Callable[[Progress], Any] | None = None,
+    **provenance: Any,
+) -> LocalizeResult:
+    """Run :func:`iter_localize` to the end (``progress_callback`` gets each Progress)."""
+    gen = iter_localize(model, spec, data, settings, z_slices, **provenance)
+    while True:
+        try:
+            progress = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress_callback is not None:
+            progress_callback(progress)
+
+
+# --------------------------------------------------------------------------------------------
+# Output files.
+
+
+def output_paths(
+    out_dir: str | Path,
+    case: str,
+    modalities: Sequence[str] = (),
+    all_channels: bool = False,
+) -> dict[str, Path]:
+    """Where :func:`write_outputs` writes a case: keys ``healthy``, ``difference``, ``mask``,
+    ``provenance`` and, with ``all_channels``, ``healthy_<modality>`` for every channel."""
+    out = Path(out_dir)
+    paths = {
+        "healthy": out / f"{case}_healthy.nii.gz",
+        "difference": out / f"{case}_difference.nii.gz",
+        "mask": out / f"{case}_mask.nii.gz",
+        "provenance": out / f"{case}_provenance.json",
+    }
+    if all_channels:
+        for m in modalities:
+            paths[f"healthy_{m}"] = out / f"{case}_healthy_{m}.nii.gz"
+    return paths
+
+
+def check_outputs(
+    paths: dict[str, Path], protected: Iterable[str | Path] = (), overwrite: bool = False
+) -> None:
+    """Refuse, before any work, outputs that would replace an input or (without overwrite) an
+    existing file."""
+    sources = {Path(p).resolve() for p in protected if Path(p).exists()}
+    for path in paths.values():
+        if path.resolve() in sources:
+            raise InputError(f"{path}: refusing to overwrite an input file; choose another --out")
+        if path.exists() and not overwrite:
+            raise InputError(f"{path}: already exists; pass --overwrite or choose another folder")
+
+
+def write_outputs(
+    result: LocalizeResult,
+    volume: Any,
+    out_dir: str | Path,
+    case: str | None = None,
+    overwrite: bool = False,
+    all_channels: bool = False,
+) -> dict[str, Path]:
+    """Write a result on its volume's source grid (see :func:`output_paths` for the names).
+
+    ``volume`` is the :class:`~napari_whatishealthy.core.volume.Volume` the result came from.
+    ``<case>_healthy.nii.gz`` is the healthy image of the first model channel (FLAIR for the
+    default model); ``all_channels`` adds one file per channel. Every file is written through a
+    temporary file and renamed; all targets are checked before the first is written, and if
+    writing fails half way the files this call already wrote are removed again.
+    """
+    from .volume import save_on_source_grid
+
+    case = case or volume.name
+    paths = output_paths(out_dir, case, result.modalities, all_channels)
+    protected = tuple(volume.source_paths)
+    check_outputs(paths, protected, overwrite)
+    written: list[Path] = []
+    existed = {k: p.exists() for k, p in paths.items()}
+    try:
+        arrays: list[tuple[str, np.ndarray, type]] = [
+            ("healthy", result.healthy[0], np.float32),
+            ("difference", result.difference, np.float32),
+            ("mask", result.mask, np.uint8),
+        ]
+        for i, m in enumerate(result.modalities):
+            if f"healthy_{m}" in paths:
+                arrays.append((f"healthy_{m}", result.healthy[i], np.float32))
+        for key, array, dtype in arrays:
+            save_on_source_grid(array, volume, paths[key], dtype=dtype, overwrite=overwrite)
+            written.append(paths[key])
+        provenance = dict(result.provenance)
+        provenance["outputs"] = {k: str(p.resolve()) for k, p in paths.items()}
+        provenance["healthy_channel"] = result.modalities[0] if result.modalities else None
+        write_json_atomic(provenance, paths["provenance"], overwrite=overwrite,
+                          protected=protected)
+        written.append(paths["provenance"])
+    except BaseException:
+        for key, path in paths.items():
+            if path in written and not existed[key]:
+                path.unlink(missing_ok=True)
+        raise
+    return paths

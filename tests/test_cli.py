@@ -1,0 +1,327 @@
+"""Every `whatishealthy` subcommand on tiny data, and its errors: one line, exit 2, no files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import make_checkpoint, tiny_spec
+
+from napari_whatishealthy import cli
+from napari_whatishealthy.core import registry
+from napari_whatishealthy.core.model import load_checkpoint
+
+OUTPUT_SUFFIXES = ("_healthy.nii.gz", "_difference.nii.gz", "_mask.nii.gz", "_provenance.json")
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def assert_one_line_error(rc: int, err: str, command: str, match: str = "") -> None:
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"whatishealthy {command}: error: "), err
+    assert "Traceback" not in err
+    assert match in lines[0], err
+
+
+def outputs_of(case: str, out: Path) -> list[Path]:
+    return [out / f"{case}{s}" for s in OUTPUT_SUFFIXES]
+
+
+# --------------------------------------------------------------------------------------------
+# synth and train
+
+
+def test_synth_writes_cases_and_refuses_to_overwrite(capsys, tmp_path):
+    out = tmp_path / "synth"
+    rc, stdout, _ = run(capsys, "synth", out, "--cases", 2, "--seed", 5, "--voxel-size", 6,
+                        "--healthy-fraction", 0.5)
+    assert rc == 0 and "wrote 2 cases" in stdout
+    manifest = json.loads((out / "cases.json").read_text())
+    assert sorted(c["kind"] for c in manifest["cases"]) == ["healthy", "typical"]
+    for case in manifest["cases"]:
+        names = sorted(p.name for p in (out / case["name"]).iterdir())
+        assert names == [f"{case['name']}_{m}.nii.gz" for m in
+                         ("flair", "seg", "t1", "t1ce", "t2")]
+    rc, _, err = run(capsys, "synth", out, "--cases", 2, "--seed", 5, "--voxel-size", 6)
+    assert_one_line_error(rc, err, "synth", "already exists")
+    rc, _, err = run(capsys, "synth", out, "--cases", 0)
+    assert_one_line_error(rc, err, "synth", "--cases")
+
+
+def test_train_writes_a_loadable_checkpoint_usable_by_localize(capsys, synthetic_cases,
+                                                               case_dirs, tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = run(capsys, "train", synthetic_cases, "--out", out, "--size", 16, "--steps", 3,
+                     "--batch", 4, "--channels", "8,16", "--attention", "0,1", "--log-every", 1,
+                     "--amp", "off", "--no-progress")
+    assert rc == 0, err
+    model = load_checkpoint(out / "checkpoint")
+    assert model.spec.training["steps"] == 3
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 3
+    rc, _, err = run(capsys, "train", synthetic_cases, "--out", out, "--size", 16, "--steps", 3)
+    assert_one_line_error(rc, err, "train", "--resume")
+    # The training folder itself is accepted as --model.
+    rc, _, err = run(capsys, "localize", case_dirs[0], "--out", tmp_path / "loc", "--model", out,
+                     "--steps", 1, "--no-progress")
+    assert rc == 0, err
+
+
+# --------------------------------------------------------------------------------------------
+# localize
+
+
+def test_localize_a_case_folder(capsys, tiny_checkpoint, case_dirs, tmp_path):
+    case = case_dirs[0]
+    out = tmp_path / "out"
+    rc, stdout, err = run(capsys, "localize", case, "--out", out, "--model", tiny_checkpoint,
+                          "--threshold", "0.01", "--seed", 3)
+    assert rc == 0, err
+    assert "flagged at threshold 0.01" in stdout
+    assert sorted(out.iterdir()) == sorted(outputs_of(case.name, out))
+    flair = nib.load(str(case / f"{case.name}_flair.nii.gz"))
+    mask = nib.load(str(out / f"{case.name}_mask.nii.gz"))
+    assert mask.get_data_dtype() == np.uint8
+    assert mask.shape == flair.shape and np.array_equal(mask.affine, flair.affine)
+    healthy = nib.load(str(out / f"{case.name}_healthy.nii.gz"))
+    assert healthy.get_data_dtype() == np.float32 and healthy.shape == flair.shape
+    prov = json.loads((out / f"{case.name}_provenance.json").read_text())
+    assert prov["settings"]["threshold"] == 0.01 and prov["settings"]["seed"] == 3
+    assert prov["model"]["path"] == str(tiny_checkpoint.resolve())
+    assert len(prov["model"]["sha256"]) == 64
+
+    before = {p: p.read_bytes() for p in out.iterdir()}
+    rc, _, err = run(capsys, "localize", case, "--out", out, "--model", tiny_checkpoint)
+    assert_one_line_error(rc, err, "localize", "already exists")
+    assert {p: p.read_bytes() for p in out.iterdir()} == before
+    rc, _, err = run(capsys, "localize", case, "--out", out, "--model", tiny_checkpoint,
+                     "--overwrite", "--all-channels", "--no-progress")
+    assert rc == 0, err
+    assert (out / f"{case.name}_healthy_t1ce.nii.gz").exists()
+
+
+def test_localize_several_inputs(capsys, tiny_checkpoint, synthetic_cases, case_dirs, tmp_path):
+    out = tmp_path / "all"
+    rc, stdout, err = run(capsys, "localize", synthetic_cases, "--out", out, "--model",
+                          tiny_checkpoint, "--no-progress")
+    assert rc == 0, err
+    for case in case_dirs:
+        assert all(p.exists() for p in outputs_of(case.name, out))
+    assert len(stdout.strip().splitlines()) == len(case_dirs)
+    # NIfTI files of one case are grouped into that case; two cases from loose files.
+    files = [case_dirs[1] / f"{case_dirs[1].name}_{m}.nii.gz" for m in ("t2", "flair", "t1",
+                                                                           "t1ce")]
+    out2 = tmp_path / "files"
+    rc, stdout, err = run(capsys, "localize", *files, case_dirs[2], "--out", out2, "--model",
+                          tiny_checkpoint, "--no-progress")
+    assert rc == 0, err
+    assert sorted(p.name for p in out2.glob("*_mask.nii.gz")) == [
+        f"{case_dirs[1].name}_mask.nii.gz", f"{case_dirs[2].name}_mask.nii.gz"]
+
+
+def test_localize_unnamed_single_file_with_modality(capsys, case_dirs, tmp_path):
+    one_channel = make_checkpoint(tmp_path / "flair-only",
+                                  spec=tiny_spec(modalities=("flair",)))
+    four_channel = make_checkpoint(tmp_path / "four")
+    scan = tmp_path / "scan.nii.gz"
+    shutil.copy(case_dirs[0] / f"{case_dirs[0].name}_flair.nii.gz", scan)
+    rc, _, err = run(capsys, "localize", scan, "--out", tmp_path / "o1", "--model", four_channel)
+    assert_one_line_error(rc, err, "localize", "modality")
+    rc, _, err = run(capsys, "localize", scan, "--out", tmp_path / "o1", "--model", four_channel,
+                     "--modality", "flair")
+    assert_one_line_error(rc, err, "localize", "missing modality t1")
+    assert not (tmp_path / "o1").exists()
+    for extra in ([], ["--modality", "FLAIR"]):
+        out = tmp_path / f"o{len(extra)}"
+        rc, _, err = run(capsys, "localize", scan, "--out", out, "--model", one_channel,
+                         "--no-progress", *extra)
+        assert rc == 0, err
+        assert (out / "scan_mask.nii.gz").exists()
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["MISSING"], "no such file"),
+        (["CASE", "--model", "/nonexistent/model"], "no such model"),
+        (["CASE", "--threshold", "abc"], "threshold"),
+        (["CASE", "--noise", "2"], "noise level"),
+        (["CASE", "--steps", "0"], "steps"),
+        (["CASE", "--device", "quantum"], "device"),
+        (["CASE", "--guidance", "x"], "invalid float"),
+        (["NOTNIFTI"], "not a NIfTI file name"),
+        (["BROKEN"], "not a readable NIfTI"),
+    ],
+)
+def test_localize_errors_are_one_line(capsys, tiny_checkpoint, case_dirs, tmp_path, args, match):
+    notnifti = tmp_path / "notes.txt"
+    notnifti.write_text("hello")
+    broken = tmp_path / "broken_flair.nii.gz"
+    broken.write_bytes(b"\x1f\x8b" + b"garbage" * 10)
+    subst = {"MISSING": str(tmp_path / "missing"), "CASE": str(case_dirs[0]),
+             "NOTNIFTI": str(notnifti), "BROKEN": str(broken)}
+    argv = [subst.get(a, a) for a in args]
+    if "--model" not in argv:
+        argv += ["--model", str(tiny_checkpoint)]
+    out = tmp_path / "out"
+    if args[0] == "BROKEN":  # a single-channel model, so that loading is what fails
+        argv[argv.index("--model") + 1] = str(
+            make_checkpoint(tmp_path / "flair-only", spec=tiny_spec(modalities=("flair",))))
+    rc, _, err = run(capsys, "localize", *argv, "--out", out)
+    assert_one_line_error(rc, err, "localize", match)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_localize_refuses_to_write_into_the_case_folder(capsys, tiny_checkpoint, cases_copy):
+    case = sorted(p for p in cases_copy.iterdir() if p.is_dir())[0]
+    before = sorted(case.iterdir())
+    rc, _, err = run(capsys, "localize", case, "--out", case, "--model", tiny_checkpoint)
+    assert_one_line_error(rc, err, "localize", "holds the input files")
+    assert sorted(case.iterdir()) == before
+
+
+def test_a_bad_second_case_leaves_no_partial_files(capsys, tiny_checkpoint, cases_copy,
+                                                   tmp_path):
+    cases = sorted(p for p in cases_copy.iterdir() if p.is_dir())
+    t1 = cases[1] / f"{cases[1].name}_t1.nii.gz"
+    t1.write_bytes(t1.read_bytes()[:200])  # truncated gzip
+    out = tmp_path / "out"
+    rc, _, err = run(capsys, "localize", cases[0], cases[1], "--out", out, "--model",
+                     tiny_checkpoint, "--no-progress")
+    assert_one_line_error(rc, err, "localize", t1.name)
+    assert sorted(out.iterdir()) == sorted(outputs_of(cases[0].name, out))  # whole files only
+
+
+def test_errors_in_a_real_process_have_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "napari_whatishealthy.cli", "localize", str(tmp_path / "nope"),
+         "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"whatishealthy localize: error: {tmp_path / 'nope'}: no such file or folder"]
+    proc = subprocess.run([sys.executable, "-m", "napari_whatishealthy.cli", "localize"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "required" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+
+
+def test_evaluate_json(capsys, tiny_checkpoint, synthetic_cases, case_dirs, tmp_path):
+    report_path = tmp_path / "report.json"
+    rc, stdout, err = run(capsys, "evaluate", synthetic_cases, "--model", tiny_checkpoint,
+                          "--json", report_path, "--no-progress")
+    assert rc == 0, err
+    assert "flair_baseline" in stdout and "optimistic (oracle)" in stdout
+    report = json.loads(report_path.read_text())
+    assert len(report["cases"]) == len(case_dirs)
+    assert report["model"]["sha256"] and report["calibration"] is None
+    for method in ("counterfactual", "flair_baseline"):
+        thresholds = report["thresholds"][method]
+        assert set(thresholds) == {"default", "calibrated", "oracle"}
+        assert "oracle" in thresholds["oracle"]["label"]
+        assert "EVALUATED" in thresholds["calibrated"]["label"]
+        pooled = report["pooled"][method]
+        assert {"all", "typical", "subtle", "healthy"} <= set(pooled)
+        assert 0 <= pooled["all"]["auroc"] <= 1 and 0 <= pooled["all"]["auprc"] <= 1
+        assert set(pooled["all"]["dice"]) == {"default", "calibrated", "oracle"}
+        assert pooled["healthy"]["dice"]["default"] is None  # no lesion: no Dice
+        assert report["healthy_controls"]["flagged_fraction"][method]["default"] is not None
+    assert report["thresholds"]["counterfactual"]["default"]["value"] == \
+        tiny_spec().inference.threshold
+    # The oracle threshold is the best of the three on the evaluated set (before components).
+    for case in report["cases"]:
+        assert case["kind"] in ("typical", "subtle", "healthy")
+    rc, _, err = run(capsys, "evaluate", synthetic_cases, "--model", tiny_checkpoint, "--json",
+                     report_path)
+    assert_one_line_error(rc, err, "evaluate", "already exists")
+
+
+def test_evaluate_with_a_calibration_set(capsys, tiny_checkpoint, synthetic_cases, tmp_path):
+    calib = tmp_path / "calib"
+    cases = sorted(p for p in synthetic_cases.iterdir() if p.is_dir())
+    for case in cases[:2]:
+        shutil.copytree(case, calib / case.name)
+    report_path = tmp_path / "r.json"
+    rc, _, err = run(capsys, "evaluate", synthetic_cases, "--model", tiny_checkpoint,
+                     "--calibration", calib, "--cases", 3, "--json", report_path,
+                     "--no-progress")
+    assert rc == 0, err
+    report = json.loads(report_path.read_text())
+    assert len(report["cases"]) == 3
+    assert "calibration set" in report["thresholds"]["counterfactual"]["calibrated"]["label"]
+    rc, _, err = run(capsys, "evaluate", synthetic_cases, "--model", tiny_checkpoint,
+                     "--calibration", synthetic_cases)
+    assert_one_line_error(rc, err, "evaluate", "calibration set is the evaluated set")
+    rc, _, err = run(capsys, "evaluate", tmp_path / "nowhere", "--model", tiny_checkpoint)
+    assert_one_line_error(rc, err, "evaluate", "no such folder")
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+
+
+def test_demo_headless(capsys, tiny_checkpoint, case_dirs, tmp_path):
+    out = tmp_path / "demo"
+    for _ in range(2):  # a second run replaces the demo's own outputs
+        rc, stdout, err = run(capsys, "demo", "--headless", "--out", out, "--model",
+                              tiny_checkpoint, "--sample", case_dirs[0], "--no-progress")
+        assert rc == 0, err
+    figure = out / f"{case_dirs[0].name}_figure.png"
+    assert figure.exists() and str(figure) in stdout
+    from PIL import Image
+
+    with Image.open(figure) as img:
+        assert img.format == "PNG" and img.width > 5 * 100 and img.height > 3 * 100
+    assert all(p.exists() for p in outputs_of(case_dirs[0].name, out))
+
+
+def test_demo_without_bundled_model_fails_clearly(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "MODELS_DIR", tmp_path / "no-models")
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run(capsys, "demo", "--headless", "--out", tmp_path / "demo")
+    assert_one_line_error(rc, err, "demo", "default model is not bundled")
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.gui
+@pytest.mark.skipif(
+    not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+         or os.environ.get("QT_QPA_PLATFORM")),
+    reason="needs a display (run under xvfb-run, as `make test` does)",
+)
+def test_demo_opens_napari_with_the_sample_and_the_widget(monkeypatch, tiny_checkpoint):
+    napari = pytest.importorskip("napari")
+    viewers = []
+    real_viewer = napari.Viewer
+
+    def hidden_viewer(*args, **kwargs):
+        viewers.append(real_viewer(*args, show=False, **kwargs))
+        return viewers[-1]
+
+    monkeypatch.setattr(napari, "Viewer", hidden_viewer)
+    monkeypatch.setattr(napari, "run", lambda *a, **k: None)
+    try:
+        assert cli.main(["demo", "--model", str(tiny_checkpoint)]) == 0
+        viewer = viewers[0]
+        names = [layer.name for layer in viewer.layers]
+        assert any("flair" in n.lower() for n in names), names
+        docks = viewer.window.dock_widgets
+        assert "What is Healthy?" in docks, list(docks)
+    finally:
+        for viewer in viewers:
+            viewer.close()

@@ -1,0 +1,333 @@
+"""The localize pipeline: settings, the mapping of model-space changes back to the volume,
+thresholds and re-masking, previews, bad input, output files and provenance."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_SIZE, tiny_spec
+
+from napari_whatishealthy.core import pipeline
+from napari_whatishealthy.core.counterfactual import Progress
+from napari_whatishealthy.core.errors import InputError, WhatIsHealthyError
+from napari_whatishealthy.core.pipeline import (
+    LocalizeSettings,
+    iter_localize,
+    localize,
+    output_paths,
+    parse_threshold,
+    remask,
+    write_outputs,
+)
+from napari_whatishealthy.core.registry import load_model_cached
+from napari_whatishealthy.core.volume import load_volume
+
+
+class ZeroEps(torch.nn.Module):
+    """Predicts zero noise: DDIM inversion and decoding then return the input unchanged."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.spec = spec
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, t, labels):
+        return torch.zeros_like(x)
+
+
+def _box_volume(seed=0):
+    """4 channels, brain 8 x 8 in-plane on z 1..4: its crop box is exactly 16 x 16 (no resize),
+    at x 0..15, y 2..17."""
+    rng = np.random.default_rng(seed)
+    data = np.zeros((4, 24, 24, 6), np.float32)
+    data[:, 4:12, 6:14, 1:5] = rng.uniform(100, 400, size=(4, 8, 8, 4))
+    return data
+
+
+def _fake_counterfactual(change):
+    """A stand-in for iter_counterfactual: ``change(slices)`` gives the healthy slices."""
+    calls = []
+
+    def fake(model, slices, settings):
+        calls.append(slices.shape)
+
+        def gen():
+            yield Progress(1, 1, "decode")
+            return change(slices.copy())
+
+        return gen()
+
+    return fake, calls
+
+
+# --------------------------------------------------------------------------------------------
+# settings
+
+
+def test_settings_from_spec_and_overrides():
+    spec = tiny_spec()
+    s = LocalizeSettings.from_spec(spec)
+    assert (s.guidance, s.noise_level, s.steps) == (spec.inference.guidance, 0.2, 2)
+    assert s.threshold == "auto" and s.min_component_voxels == 2
+    s = LocalizeSettings.from_spec(spec, guidance=None, steps=5, threshold="0.3")
+    assert s.steps == 5 and s.threshold == 0.3 and s.guidance == spec.inference.guidance
+    assert s.counterfactual_settings(spec).steps == 5
+    with pytest.raises(WhatIsHealthyError, match="unknown setting"):
+        LocalizeSettings.from_spec(spec, guidanse=2.0)
+    with pytest.raises(WhatIsHealthyError, match="noise level"):
+        LocalizeSettings.from_spec(spec, noise_level=1.5)
+    with pytest.raises(WhatIsHealthyError, match="median_size"):
+        LocalizeSettings.from_spec(spec, median_size=0)
+
+
+@pytest.mark.parametrize("text, value", [("0.25", 0.25), ("AUTO", "auto"), (" otsu ", "otsu"),
+                                         (0.1, 0.1), (0, 0.0), (None, None)])
+def test_parse_threshold(text, value):
+    assert parse_threshold(text) == value
+
+
+@pytest.mark.parametrize("bad", ["abc", "-0.1", "nan", "inf", True])
+def test_parse_threshold_refuses(bad):
+    with pytest.raises(WhatIsHealthyError, match="threshold"):
+        parse_threshold(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# the mapping back to the volume
+
+
+def test_a_model_that_changes_nothing_gives_the_input_back():
+    spec = tiny_spec()
+    data = _box_volume()
+    settings = LocalizeSettings.from_spec(spec, dynamic_normalisation=False, threshold=0.01)
+    result = localize(ZeroEps(spec), spec, data, settings)
+    assert result.healthy.shape == data.shape and result.healthy.dtype == np.float32
+    assert np.allclose(result.healthy, data, rtol=1e-5, atol=1e-3)
+    assert result.difference.max() < 1e-5
+    assert result.mask.dtype == np.uint8 and result.mask.sum() == 0
+    assert list(result.processed_slices) == [1, 2, 3, 4]
+
+
+def test_a_model_space_change_lands_in_place(monkeypatch):
+    spec = tiny_spec()
+    data = _box_volume()
+
+    def change(healthy):  # lower channel 0 by 0.5 (normalised) in a 4 x 4 patch of z = 3
+        healthy[2, 0, 5:9, 5:9] -= 0.5  # slices are z = 1, 2, 3, 4
+        return healthy
+
+    fake, _ = _fake_counterfactual(change)
+    monkeypatch.setattr(pipeline, "iter_counterfactual", fake)
+    settings = LocalizeSettings.from_spec(spec, median_size=1, min_component_voxels=0,
+                                          threshold=0.1)
+    gen = iter_localize(None, spec, data, settings)
+    assert next(gen) == Progress(1, 1, "decode")
+    with pytest.raises(StopIteration) as stop:
+        next(gen)
+    result = stop.value.value
+    # Box origin (0, 2): model pixel (5..8, 5..8) is volume voxel (5..8, 7..10).
+    expected = np.zeros(data.shape[1:], bool)
+    expected[5:9, 7:11, 3] = True
+    assert np.allclose(result.difference[expected], 0.5 / 4)  # mean over 4 channels
+    assert np.all(result.difference[~expected] == 0)
+    assert np.allclose(result.difference_per_channel[0][expected], 0.5)
+    assert np.all(result.difference_per_channel[1:] == 0)
+    assert np.array_equal(result.mask.astype(bool), expected)
+    # Healthy: the input minus the change, in input units (normalised d -> d * p99 / 2).
+    scale0 = np.percentile(data[0][data[0] > 0], 99)
+    assert np.allclose(result.healthy[0][expected], data[0][expected] - 0.5 * scale0 / 2,
+                       rtol=1e-5)
+    untouched = ~expected
+    assert np.array_equal(result.healthy[0][untouched], data[0][untouched])
+    assert np.array_equal(result.healthy[1:], data[1:])
+    assert result.provenance["threshold_used"] == 0.1
+
+    # The threshold means the same thing in remask: 0.125 is above 0.1, below 0.2.
+    assert remask(result, 0.2).sum() == 0
+    assert remask(result, 0.1).sum() == 16
+    assert remask(result, 0.1, min_component_voxels=17).sum() == 0
+    assert remask(result, "auto").sum() == (16 if spec.inference.threshold < 0.125 else 0)
+    assert result.mask.sum() == 16  # remask does not change the result
+
+
+def test_changes_outside_the_brain_are_masked_only_without_brain_restriction(monkeypatch):
+    spec = tiny_spec()
+    data = _box_volume()
+
+    def change(healthy):  # model pixel (1, 1) of z = 2 is voxel (1, 3): background
+        healthy[1, :, 0:3, 0:3] += 0.8
+        return healthy
+
+    fake, _ = _fake_counterfactual(change)
+    monkeypatch.setattr(pipeline, "iter_counterfactual", fake)
+    settings = LocalizeSettings.from_spec(spec, median_size=1, min_component_voxels=0,
+                                          threshold=0.5)
+    result = localize(None, spec, data, settings)
+    assert result.difference[0:3, 2:5, 2].min() == pytest.approx(0.8)
+    assert result.mask.sum() == 0  # brain_only by default
+    assert remask(result, 0.5, brain_only=False).sum() == 9
+    # The healthy image keeps the background as it was.
+    assert np.array_equal(result.healthy[:, ~result.brain], data[:, ~result.brain])
+
+
+def test_z_slices_restrict_the_work(monkeypatch):
+    spec = tiny_spec()
+    data = _box_volume()
+    fake, calls = _fake_counterfactual(lambda h: h - 0.3)
+    monkeypatch.setattr(pipeline, "iter_counterfactual", fake)
+    settings = LocalizeSettings.from_spec(spec, median_size=1, min_component_voxels=0)
+    result = localize(None, spec, data, settings, z_slices=[3, 5])  # 5 holds no brain
+    assert calls == [(1, 4, TINY_SIZE, TINY_SIZE)]
+    assert list(result.processed_slices) == [3]
+    assert result.difference[..., 3].max() == pytest.approx(0.3)
+    others = [0, 1, 2, 4, 5]
+    assert np.all(result.difference[..., others] == 0)
+    assert np.array_equal(result.healthy[..., others], data[..., others])
+    with pytest.raises(WhatIsHealthyError, match="outside the volume"):
+        localize(None, spec, data, settings, z_slices=[6])
+
+
+def test_otsu_threshold_is_per_volume(monkeypatch):
+    spec = tiny_spec()
+    data = _box_volume()
+
+    def change(healthy):
+        healthy[:, :, 5:9, 5:9] -= 0.6
+        return healthy
+
+    fake, _ = _fake_counterfactual(change)
+    monkeypatch.setattr(pipeline, "iter_counterfactual", fake)
+    result = localize(None, spec, data, LocalizeSettings.from_spec(
+        spec, median_size=1, min_component_voxels=0, threshold="otsu"))
+    assert 0 <= result.threshold_used < 0.6
+    assert result.mask.sum() == 4 * 16
+
+
+# --------------------------------------------------------------------------------------------
+# the real network, end to end
+
+
+def test_real_tiny_model_end_to_end(tiny_checkpoint, case_dirs):
+    model, spec, digest = load_model_cached(tiny_checkpoint, "cpu")
+    volume = load_volume(case_dirs[0]).select(spec.modalities)
+    steps: list[Progress] = []
+    result = localize(model, spec, volume.data, progress_callback=steps.append,
+                      model_path=tiny_checkpoint, model_hash=digest,
+                      inputs=volume.source_paths)
+    assert [p.phase for p in steps] == ["invert", "invert", "decode", "decode"]
+    assert steps[-1].step == steps[-1].total == 4
+    assert result.healthy.shape == volume.data.shape
+    assert result.difference.shape == result.mask.shape == result.brain.shape == volume.shape
+    assert result.difference.dtype == np.float32 and result.mask.dtype == np.uint8
+    assert np.isfinite(result.healthy).all() and result.difference.min() >= 0
+    assert result.difference[result.brain].max() > 0  # the model changed something
+    assert not np.array_equal(result.healthy, volume.data)
+    assert not result.mask[~result.brain].any()
+    assert result.threshold_used == spec.inference.threshold
+    prov = result.provenance
+    assert prov["model"]["sha256"] == digest
+    assert prov["model"]["path"] == str(tiny_checkpoint.resolve())
+    assert prov["settings"]["steps"] == 2 and prov["device"] == "cpu"
+    assert {"torch", "monai", "numpy", "napari-whatishealthy"} <= set(prov["versions"])
+    assert len(prov["inputs"]) == 4
+    json.dumps(prov)  # JSON-able as it is
+
+
+def test_preview_of_one_slice_and_cancel(tiny_checkpoint, case_dirs):
+    model, spec, _ = load_model_cached(tiny_checkpoint, "cpu")
+    volume = load_volume(case_dirs[0]).select(spec.modalities)
+    result = localize(model, spec, volume.data, z_slices=[12])
+    assert list(result.processed_slices) == [12]
+    assert np.all(np.delete(result.difference, 12, axis=2) == 0)
+    gen = iter_localize(model, spec, volume.data)
+    assert next(gen).step == 1
+    gen.close()  # cancel between steps: nothing raises
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_bad_input_is_refused_at_call_time(tiny_checkpoint):
+    model, spec, _ = load_model_cached(tiny_checkpoint, "cpu")
+    data = _box_volume()
+    with pytest.raises(InputError, match="expects 4 channel"):
+        iter_localize(model, spec, data[:2])
+    bad = data.copy()
+    bad[0, 5, 7, 2] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        iter_localize(model, spec, bad)
+    with pytest.raises(InputError, match="shape"):
+        iter_localize(model, spec, data[0])
+
+
+def test_all_zero_volume_gives_an_empty_mask(tiny_checkpoint):
+    model, spec, _ = load_model_cached(tiny_checkpoint, "cpu")
+    result = localize(model, spec, np.zeros((4, 12, 12, 5), np.float32))
+    assert result.mask.sum() == 0 and result.processed_slices.size == 0
+    assert np.all(result.healthy == 0)
+    assert result.warnings and "no brain" in result.warnings[0]
+
+
+# --------------------------------------------------------------------------------------------
+# output files
+
+
+def test_write_outputs_on_the_source_grid(tiny_checkpoint, case_dirs, tmp_path):
+    model, spec, digest = load_model_cached(tiny_checkpoint, "cpu")
+    volume = load_volume(case_dirs[0]).select(spec.modalities)
+    result = localize(model, spec, volume.data, model_path=tiny_checkpoint, model_hash=digest,
+                      inputs=volume.source_paths)
+    paths = write_outputs(result, volume, tmp_path / "out", all_channels=True)
+    assert set(paths) == {"healthy", "difference", "mask", "provenance", "healthy_flair",
+                          "healthy_t1", "healthy_t1ce", "healthy_t2"}
+    source = nib.load(str(volume.source_paths[0]))
+    for key in ("healthy", "difference", "mask", "healthy_t2"):
+        img = nib.load(str(paths[key]))
+        assert img.shape == source.shape
+        assert np.array_equal(img.affine, source.affine)
+        assert img.get_data_dtype() == (np.uint8 if key == "mask" else np.float32)
+    assert np.array_equal(np.asarray(nib.load(str(paths["healthy"])).dataobj),
+                          np.asarray(nib.load(str(paths["healthy_flair"])).dataobj))
+    # The healthy FLAIR equals the stored FLAIR where nothing changed (source grid, same voxels).
+    stored = np.asarray(source.dataobj).astype(np.float32)
+    healthy = np.asarray(nib.load(str(paths["healthy"])).dataobj)
+    canonical_unchanged = result.difference_per_channel[0] == 0
+    unchanged = volume.to_source(canonical_unchanged.astype(np.uint8)).astype(bool)
+    assert unchanged.any() and np.array_equal(healthy[unchanged], stored[unchanged])
+    prov = json.loads(paths["provenance"].read_text())
+    assert prov["model"]["sha256"] == digest and prov["healthy_channel"] == "flair"
+    assert prov["outputs"]["mask"] == str(paths["mask"].resolve())
+
+
+def test_write_outputs_refuses_before_writing_and_cleans_up(tiny_checkpoint, case_dirs,
+                                                            tmp_path, monkeypatch):
+    model, spec, _ = load_model_cached(tiny_checkpoint, "cpu")
+    volume = load_volume(case_dirs[0]).select(spec.modalities)
+    result = localize(model, spec, volume.data)
+    out = tmp_path / "out"
+    out.mkdir()
+    paths = output_paths(out, volume.name)
+    paths["mask"].write_text("an older result")
+    with pytest.raises(InputError, match="already exists"):
+        write_outputs(result, volume, out)
+    assert sorted(p.name for p in out.iterdir()) == [paths["mask"].name]  # nothing new
+    paths["mask"].unlink()
+
+    from napari_whatishealthy.core import volume as volume_mod
+
+    real = volume_mod.save_on_source_grid
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(volume_mod, "save_on_source_grid", flaky)
+    with pytest.raises(OSError):
+        write_outputs(result, volume, out)
+    assert list(out.iterdir()) == []  # the two files already written were removed
