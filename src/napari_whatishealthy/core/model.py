@@ -88,6 +88,8 @@ class InferenceDefaults:
     dynamic_normalisation: bool = True
     median_size: int = 3
     min_component_voxels: int = 20
+    # Fixed-point iterations per DDIM inversion step (0 = plain DDIM, the paper's method).
+    inversion_refinements: int = 0
 
 
 @dataclass

@@ -357,6 +357,10 @@ def _run(
     per_channel = np.maximum(to_volume(sub, per_s, fill=0.0), 0.0)
     raw = per_channel.mean(axis=0)  # = to_volume of the channel mean: the resize is linear
     difference = median_smooth(raw, settings.median_size, slice_axis=-1).astype(np.float32)
+    # Outside the brain there is only background; what the model-space resize bleeds there is
+    # not an anomaly and would show as a halo in the difference layer.
+    difference[~brain] = 0.0
+    per_channel[:, ~brain] = 0.0
 
     delta = to_volume(sub, input_s - healthy_s, fill=0.0)  # [C, X, Y, Z], normalised units
     delta[:, ~brain] = 0.0

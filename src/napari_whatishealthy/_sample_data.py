@@ -1,0 +1,24 @@
+"""The bundled sample: one synthetic BraTS-like case (2 mm, 120 x 120 x 78) with its ground truth.
+
+Made once with ``core.synthetic.make_case('Sample', seed=1, kind='typical', voxel_size=2.0)`` and
+``write_case`` (stored as BraTS stores files: LPS-flipped axes, int16); ``sample/sample.json``
+records the call. It is synthetic (MNI152 template anatomy, simulated tumour), not a patient.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ._layers import LayerDataTuple, read_case_folder
+
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
+
+
+def sample_case_path() -> Path:
+    """The sample case folder (``Sample_{flair,t1,t1ce,t2,seg}.nii.gz``)."""
+    return SAMPLE_DIR
+
+
+def make_sample_data() -> list[LayerDataTuple]:
+    """Layers of the sample case, as the reader gives them (four modalities and ``seg``)."""
+    return read_case_folder(SAMPLE_DIR, sample=True)

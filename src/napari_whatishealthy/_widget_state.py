@@ -1,0 +1,319 @@
+"""The widget's logic without Qt: the background job, the cached result, the mask and its edits.
+
+Everything the widget shows after a run is recomputed from a :class:`ResultSession` on the main
+thread in milliseconds: the mask from the cached difference map (``pipeline.remask``), the
+user's painted corrections on top of it, and the metrics against a ground truth. The job
+(:func:`localize_job`) is a generator run by napari's thread worker; it yields progress and
+touches no layer.
+
+Arrays held here are in napari order ``(S, A, R)`` (the transpose of the canonical ``[X, Y, Z]``
+the core works in), so they can be handed to layers as they are.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .core import metrics
+from .core.errors import WhatIsHealthyError
+from .core.volume import MODALITIES, modality_from_name
+
+RESULT_ROLES = ("healthy", "difference", "mask")
+
+
+# ------------------------------------------------------------------------------------------------
+# Matching layers to the model's modalities
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    metadata: dict[str, Any]
+    shape: tuple[int, ...]
+
+
+def is_result_layer(metadata: dict[str, Any] | None) -> bool:
+    return bool(metadata) and metadata.get("role") in RESULT_ROLES
+
+
+def _layer_modality(info: LayerInfo) -> str | None:
+    modality = info.metadata.get("modality")
+    if modality:
+        return str(modality)
+    lowered = info.name.strip().lower()
+    if lowered in MODALITIES:
+        return lowered
+    return modality_from_name(lowered.replace(" ", "_") + ".nii")
+
+
+def match_modalities(
+    modalities: Sequence[str], layers: Sequence[LayerInfo]
+) -> dict[str, str | None]:
+    """Modality -> layer name, matched by the layer's metadata or its name; each layer used once.
+
+    Exact names win over metadata, metadata over a suffix in the name (``case_flair``); a model
+    with one channel takes the only image there is.
+    """
+    candidates = [info for info in layers if not is_result_layer(info.metadata)]
+    chosen: dict[str, str | None] = {m: None for m in modalities}
+    used: set[str] = set()
+    rules = (
+        lambda m, info: info.name.strip().lower() == m.lower(),
+        lambda m, info: info.metadata.get("modality") == m,
+        lambda m, info: _layer_modality(info) == m,
+    )
+    for rule in rules:
+        for m in modalities:
+            if chosen[m] is not None:
+                continue
+            for info in candidates:
+                if info.name not in used and rule(m, info):
+                    chosen[m] = info.name
+                    used.add(info.name)
+                    break
+    if len(modalities) == 1 and chosen[modalities[0]] is None and len(candidates) == 1:
+        chosen[modalities[0]] = candidates[0].name
+    return chosen
+
+
+def pick_ground_truth(labels: Sequence[LayerInfo], shape: tuple[int, ...] | None) -> str | None:
+    """A Labels layer that looks like the case's segmentation (``seg`` of the same shape)."""
+    for info in labels:
+        if is_result_layer(info.metadata):
+            continue
+        if info.metadata.get("modality") == "seg" or info.name.lower() in ("seg", "ground truth"):
+            if shape is None or tuple(info.shape) == tuple(shape):
+                return info.name
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# The background job
+
+
+@dataclass(frozen=True)
+class StatusMessage:
+    """A message from the job that is not a diffusion step (loading the model, preparing)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    """An expected failure (bad input, incompatible model, out of memory), as a message."""
+
+    message: str
+    error: BaseException | None = None
+
+
+@dataclass
+class JobRequest:
+    model: str | Path
+    device: str
+    data: np.ndarray  # [C, X, Y, Z] canonical float32, channels in the model's order
+    overrides: dict[str, Any]
+    z_slices: list[int] | None = None
+    inputs: tuple[str, ...] = ()
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    oom_type = getattr(torch, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def localize_job(request: JobRequest) -> Generator[Any, None, Any]:
+    """Load the model (cached) and localize, yielding a StatusMessage or a pipeline Progress per
+    step; returns the ``LocalizeResult`` or a :class:`JobFailed`."""
+    from .core import pipeline, registry
+
+    try:
+        yield StatusMessage("loading the model")
+        model, spec, digest = registry.load_model_cached(request.model, request.device)
+        folder = registry.resolve_model(request.model)
+        settings = pipeline.LocalizeSettings.from_spec(
+            spec, device=request.device, **request.overrides
+        )
+        yield StatusMessage("preparing the slices")
+        gen = pipeline.iter_localize(
+            model, spec, request.data, settings, request.z_slices,
+            model_path=folder, model_hash=digest, inputs=request.inputs,
+        )
+        result = yield from gen
+        return result
+    except WhatIsHealthyError as exc:
+        return JobFailed(str(exc), exc)
+    except Exception as exc:
+        if _is_out_of_memory(exc):
+            return JobFailed(
+                "out of memory: try the current-slice scope, the CPU device, or close other "
+                f"programs using the GPU ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+                exc,
+            )
+        raise
+
+
+# ------------------------------------------------------------------------------------------------
+# The cached result, the mask and the user's edits
+
+
+@dataclass
+class MaskParams:
+    threshold: float
+    min_component_voxels: int = 0
+    brain_only: bool = True
+
+
+@dataclass
+class ResultSession:
+    """One run's result plus what the user did to its mask since.
+
+    ``overrides`` holds the user's painted corrections: -1 where the user did not paint, else the
+    value painted there. Painted voxels win over the threshold result, so moving the threshold
+    never discards them; :meth:`discard_edits` drops them.
+    """
+
+    result: Any  # pipeline.LocalizeResult
+    source_name: str
+    reference_channel: int = 0
+    overrides: np.ndarray | None = None
+    displayed: np.ndarray | None = None
+    started: float = field(default_factory=time.time)
+    _auprc_cache: dict[Any, float] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.result.mask.shape[::-1])  # type: ignore[return-value]
+
+    # Layers' data -------------------------------------------------------------------------
+    def healthy(self) -> np.ndarray:
+        return np.ascontiguousarray(self.result.healthy[self.reference_channel].transpose(2, 1, 0))
+
+    def difference(self) -> np.ndarray:
+        return np.ascontiguousarray(self.result.difference.transpose(2, 1, 0))
+
+    def difference_range(self) -> tuple[float, float]:
+        """(0, a top for the threshold slider and the difference display)."""
+        diff = self.result.difference
+        inside = diff[self.result.brain] if self.result.brain.any() else diff.ravel()
+        top = float(inside.max()) if inside.size else 0.0
+        top = max(top, 2.0 * float(self.result.threshold_used), 1e-3)
+        return 0.0, top
+
+    def display_limits(self) -> tuple[float, float]:
+        diff = self.result.difference
+        positive = diff[diff > 0]
+        if positive.size == 0:
+            return 0.0, 1.0
+        high = float(np.percentile(positive, 99.9))
+        return 0.0, high if high > 0 else 1.0
+
+    # Mask ---------------------------------------------------------------------------------
+    def auto_mask(self, params: MaskParams) -> np.ndarray:
+        from .core.pipeline import remask
+
+        mask = remask(
+            self.result,
+            threshold=float(params.threshold),
+            min_component_voxels=int(params.min_component_voxels),
+            brain_only=bool(params.brain_only),
+        )
+        return np.ascontiguousarray(mask.transpose(2, 1, 0), dtype=np.uint8)
+
+    def mask(self, params: MaskParams) -> np.ndarray:
+        """The mask to show: the threshold result with the painted voxels on top.
+
+        Remembers what it returned, so that :meth:`record_edits` can tell painting apart.
+        """
+        mask = self.auto_mask(params)
+        if self.overrides is not None:
+            painted = self.overrides >= 0
+            mask[painted] = self.overrides[painted].astype(np.uint8)
+        self.displayed = mask.copy()
+        return mask
+
+    def record_edits(self, layer_data: Any) -> int:
+        """Compare the layer with what was last shown; keep every changed voxel as an edit.
+
+        Returns the number of voxels newly recorded.
+        """
+        if self.displayed is None:
+            return 0
+        data = np.asarray(layer_data)
+        if data.shape != self.displayed.shape:
+            return 0
+        changed = data != self.displayed
+        count = int(np.count_nonzero(changed))
+        if count:
+            if self.overrides is None:
+                self.overrides = np.full(data.shape, -1, dtype=np.int16)
+            values = data[changed]
+            self.overrides[changed] = values
+            self.displayed[changed] = values
+        return count
+
+    @property
+    def n_edits(self) -> int:
+        return 0 if self.overrides is None else int(np.count_nonzero(self.overrides >= 0))
+
+    def discard_edits(self) -> None:
+        self.overrides = None
+
+    def adopt_edits(self, previous: ResultSession | None) -> bool:
+        """Carry the painted voxels of a previous run over (same grid only)."""
+        if previous is None or previous.overrides is None:
+            return False
+        if previous.overrides.shape != self.shape:
+            return False
+        self.overrides = previous.overrides.copy()
+        return True
+
+    # Metrics ------------------------------------------------------------------------------
+    def evaluation_region(self) -> np.ndarray:
+        """napari-order bool array: brain voxels on the slices this run processed."""
+        brain = self.result.brain.copy()
+        processed = np.zeros(brain.shape[2], dtype=bool)
+        processed[np.asarray(self.result.processed_slices, dtype=int)] = True
+        brain[:, :, ~processed] = False
+        return brain.transpose(2, 1, 0)
+
+    def dice(self, mask: np.ndarray, truth: np.ndarray) -> float:
+        region = self.evaluation_region()
+        return metrics.dice(np.asarray(mask)[region] > 0, np.asarray(truth)[region] > 0)
+
+    def auprc(self, truth: np.ndarray, key: Any = None) -> float:
+        """AUPRC of the difference map against ``truth`` on :meth:`evaluation_region` (cached by
+        ``key``: it does not depend on the threshold)."""
+        if key is not None and key in self._auprc_cache:
+            return self._auprc_cache[key]
+        region = self.evaluation_region()
+        value = metrics.auprc(self.result.difference.transpose(2, 1, 0)[region],
+                              np.asarray(truth)[region] > 0)
+        if key is not None:
+            self._auprc_cache[key] = value
+        return value
+
+
+def format_metric(value: float) -> str:
+    return "n/a" if value != value else f"{value:.3f}"
+
+
+def mask_provenance(session: ResultSession, params: MaskParams) -> dict[str, Any]:
+    return {
+        "threshold": float(params.threshold),
+        "min_component_voxels": int(params.min_component_voxels),
+        "brain_only": bool(params.brain_only),
+        "painted_voxels": session.n_edits,
+        "recomputed": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
