@@ -246,18 +246,9 @@ def volume_layers(
 
 
 def case_files(folder: str | Path) -> dict[str, Path]:
-    """Modality -> file for a BraTS-layout folder; a ``*_seg`` file wins over ``*_mask`` or
-    ``*_label`` files (saved masks) as the segmentation."""
-    folder = Path(folder)
-    files = find_case_files(folder)
-    exact = sorted(
-        p for p in folder.iterdir()
-        if is_nifti_path(p) and not p.name.startswith(".")
-        and nifti_stem(p).lower().endswith("_seg")
-    )
-    if exact:
-        files["seg"] = exact[0]
-    return files
+    """Modality -> file for a BraTS-layout folder (only ``*_seg`` files count as ground truth,
+    so a saved ``*_mask`` beside the inputs is never mistaken for it)."""
+    return find_case_files(Path(folder))
 
 
 def read_case_folder(folder: str | Path, sample: bool = False) -> list[LayerDataTuple]:

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._layers import LayerDataTuple, case_files, read_paths
-from .core.volume import MODALITIES, is_nifti_path
+from ._layers import LayerDataTuple, read_paths
+from .core.volume import is_case_folder, is_nifti_path
 
 ReaderFunction = Callable[[Any], list[LayerDataTuple]]
 
@@ -26,7 +26,7 @@ def _is_ours(path: Any) -> bool:
     try:
         p = Path(path)
         if p.is_dir():
-            return any(m in MODALITIES for m in case_files(p))
+            return is_case_folder(p)
         return is_nifti_path(p) and p.is_file()
     except Exception:
         return False

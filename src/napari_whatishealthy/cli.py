@@ -1,4 +1,4 @@
-"""The `whatishealthy` command line: synth, train, localize, evaluate, demo.
+"""The `whatishealthy` command line: synth, train, train-classifier, localize, evaluate, demo.
 
 Each subcommand is a thin front end over the core (``core.pipeline`` does the work that the
 napari widget also calls). User errors (the project's own error type, unreadable or unwritable
@@ -148,6 +148,95 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# train-classifier
+
+
+def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
+    from .core.classifier import ClassifierNetworkSpec
+
+    d = ClassifierNetworkSpec()
+    p = sub.add_parser("train-classifier", help="train the noisy-image classifier of healthy vs "
+                       "unhealthy slices for classifier guidance (--method classifier)")
+    p.add_argument("data", help="folder of BraTS-layout cases (with <case>_seg.nii.gz for the "
+                   "slice labels): the same data as `train`")
+    p.add_argument("--out", required=True,
+                   help="output folder: checkpoint/, train_state.pt, train_log.jsonl")
+    p.add_argument("--size", type=int, default=64,
+                   help="image size in pixels: the diffusion model's (default 64)")
+    p.add_argument("--modalities", default="flair,t1,t1ce,t2",
+                   help="comma-separated channels in order: the diffusion model's")
+    p.add_argument("--steps", type=int, default=3000, help="total optimiser steps")
+    p.add_argument("--batch", type=int, default=32, help="slices per step")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--channels", default=",".join(map(str, d.channels)),
+                   help="encoder channels per level (each level halves the image)")
+    p.add_argument("--attention", default=",".join("1" if a else "0" for a in d.attention_levels),
+                   help="self-attention per level, e.g. 0,0,0,1")
+    p.add_argument("--res-blocks", type=int, default=d.num_res_blocks)
+    p.add_argument("--timestep-stride", type=int, default=10,
+                   help="train on timesteps 0, k, 2k, ... of 1000: the diffusion model's stride "
+                        "or a divisor of it")
+    p.add_argument("--max-noise", type=float, default=1.0,
+                   help="train only on noise levels up to this fraction (default 1: all); "
+                        "guidance then works for --noise up to it")
+    p.add_argument("--slices", default=None,
+                   help="reuse a prepared slices.npz (e.g. the diffusion run's DIR/slices.npz) "
+                        "instead of preparing DATA again")
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed; the same seed as `train` gives the same held-out cases")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="stop (and save) after this many minutes")
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--val-every", type=int, default=250)
+    p.add_argument("--name", default="whatishealthy-classifier")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.set_defaults(func=_run_train_classifier)
+
+
+def _run_train_classifier(args: argparse.Namespace) -> int:
+    from .core.classifier import ClassifierNetworkSpec
+    from .core.train_classifier import ClassifierTrainConfig, train_classifier
+
+    try:
+        channels = tuple(int(c) for c in args.channels.split(","))
+    except ValueError:
+        raise WhatIsHealthyError(f"--channels must be integers like 32,64,64,128, got "
+                                 f"{args.channels!r}") from None
+    attention = tuple(a.strip() in ("1", "true", "True") for a in args.attention.split(","))
+    if len(channels) != len(attention):
+        raise WhatIsHealthyError("--channels and --attention need one entry per level")
+    for name in ("steps", "batch", "size", "log_every", "val_every", "checkpoint_every",
+                 "timestep_stride"):
+        if getattr(args, name) < 1:
+            raise WhatIsHealthyError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0.0 < args.max_noise <= 1.0:
+        raise WhatIsHealthyError(f"--max-noise must be in (0, 1], got {args.max_noise}")
+    groups = min(16, min(channels))
+    if any(c % groups for c in channels):
+        raise WhatIsHealthyError(f"--channels must all be multiples of {groups}")
+    network = ClassifierNetworkSpec(channels=channels, attention_levels=attention,
+                                    num_res_blocks=args.res_blocks, norm_num_groups=groups,
+                                    num_head_channels=min(32, channels[-1]))
+    config = ClassifierTrainConfig(
+        data=args.data, out=args.out, size=args.size,
+        modalities=tuple(m.strip() for m in args.modalities.split(",")),
+        steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
+        amp=args.amp, device=args.device, seed=args.seed, time_limit_min=args.time_limit,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        val_every=args.val_every, resume=args.resume, network=network,
+        timestep_stride=args.timestep_stride, max_noise=args.max_noise, slices=args.slices,
+        name=args.name,
+    )
+    train_classifier(config, show_progress=not args.no_progress)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # Inference options shared by localize, evaluate and demo.
 
 
@@ -156,6 +245,14 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="default",
                    help="bundled model name or checkpoint folder (default: the bundled default)")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance w")
+    g.add_argument("--method", choices=["implicit", "classifier"], default=None,
+                   help="guidance: implicit (classifier-free, the default) or classifier "
+                        "(needs --classifier; default classifier when --classifier is given)")
+    g.add_argument("--classifier", default=None,
+                   help="noisy-image classifier checkpoint for --method classifier (the "
+                        "folder `train-classifier --out` wrote)")
+    g.add_argument("--classifier-scale", type=float, default=None,
+                   help="classifier guidance scale s (default: the classifier's recommended)")
     g.add_argument("--noise", type=float, default=None, dest="noise_level",
                    help="noise level L in (0, 1]: how far the input is inverted")
     g.add_argument("--steps", type=int, default=None, help="DDIM steps to the noise level")
@@ -180,11 +277,24 @@ def _load_model(args: argparse.Namespace):
     from .core.pipeline import LocalizeSettings
     from .core.registry import load_model_cached, resolve_model
 
+    method = args.method or ("classifier" if args.classifier is not None else "implicit")
+    if method == "classifier" and args.classifier is None:
+        raise WhatIsHealthyError("--method classifier needs --classifier PATH (a classifier "
+                                 "checkpoint from `whatishealthy train-classifier`)")
+    if method == "implicit" and (args.classifier is not None
+                                 or args.classifier_scale is not None):
+        raise WhatIsHealthyError("--classifier and --classifier-scale are for --method "
+                                 "classifier; leave them out or pass --method classifier")
+    if method == "classifier" and args.guidance is not None:
+        raise WhatIsHealthyError("--guidance is the classifier-free weight; with --method "
+                                 "classifier use --classifier-scale")
     folder = resolve_model(args.model)
     model, spec, digest = load_model_cached(folder, args.device)
     amp = {"on": True, "off": False}.get(args.amp, args.amp)
     settings = LocalizeSettings.from_spec(
         spec,
+        method=method,
+        classifier_scale=args.classifier_scale,
         guidance=args.guidance,
         noise_level=args.noise_level,
         steps=args.steps,
@@ -197,6 +307,35 @@ def _load_model(args: argparse.Namespace):
         seed=args.seed,
     )
     return model, spec, digest, folder, settings
+
+
+@dataclass
+class _Guide:
+    """The classifier for --method classifier, and what the provenance records of it."""
+
+    classifier: object = None
+    path: Path | None = None
+    sha256: str | None = None
+
+    def localize_kwargs(self) -> dict:
+        if self.classifier is None:
+            return {}
+        return {"classifier": self.classifier, "classifier_path": self.path,
+                "classifier_hash": self.sha256}
+
+
+def _load_classifier(args: argparse.Namespace, spec, settings) -> _Guide:
+    """Load and check the classifier of --method classifier (nothing otherwise)."""
+    if settings.method != "classifier":
+        return _Guide()
+    from .core.classifier import check_compatible, load_classifier_cached, resolve_classifier
+    from .core.counterfactual import timestep_plan
+
+    folder = resolve_classifier(args.classifier)
+    classifier, cspec, digest = load_classifier_cached(folder, args.device)
+    check_compatible(cspec, spec, timestep_plan(spec.schedule, settings.noise_level,
+                                                settings.steps))
+    return _Guide(classifier, folder, digest)
 
 
 class _Bar:
@@ -351,6 +490,7 @@ def _run_localize(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: --out must be a folder")
     model, spec, digest, folder, settings = _load_model(args)
+    guide = _load_classifier(args, spec, settings)
     # Refuse every impossible output before minutes of work.
     for case in cases:
         parents = {p.resolve().parent for p in case.paths}
@@ -365,7 +505,8 @@ def _run_localize(args: argparse.Namespace) -> int:
     for i, case in enumerate(cases):
         volume = _load_case(case, spec)
         gen = iter_localize(model, spec, volume.data, settings, model_path=folder,
-                            model_hash=digest, inputs=volume.source_paths)
+                            model_hash=digest, inputs=volume.source_paths,
+                            **guide.localize_kwargs())
         label = f"{case.name} [{i + 1}/{len(cases)}]" if len(cases) > 1 else case.name
         bar = _Bar(label, not args.no_progress)
         try:
@@ -419,6 +560,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         if json_path.is_dir():
             raise InputError(f"{json_path}: is a folder; --json takes a file name")
     model, spec, digest, folder, settings = _load_model(args)
+    guide = _load_classifier(args, spec, settings)
+    classifier_info = None
+    if guide.classifier is not None:
+        from .core.classifier import resolve_scale
+
+        classifier_info = {"name": guide.classifier.spec.name, "path": str(guide.path),
+                           "sha256": guide.sha256,
+                           "scale": resolve_scale(settings.classifier_scale, guide.classifier)}
     bar = _Bar("", not args.no_progress)
 
     def on_case(i: int, n: int, name: str, which: str) -> None:
@@ -431,9 +580,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             calibration_limit=args.calibration_cases,
             model_info={"name": spec.name, "path": str(folder), "sha256": digest},
             on_case=on_case, on_step=bar,
+            classifier=guide.classifier, classifier_info=classifier_info,
         )
     finally:
         bar.close()
+    if classifier_info is not None:
+        print(f"classifier guidance, s={classifier_info['scale']:g}, classifier "
+              f"{classifier_info['path']}")
     print(format_report(report))
     if args.json is not None:
         write_json_atomic(report, args.json, overwrite=args.overwrite)
@@ -494,6 +647,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .core.registry import resolve_model
 
     resolve_model(args.model)  # a missing bundled model is reported before anything else
+    if not args.headless and (args.classifier is not None or args.method == "classifier"):
+        raise WhatIsHealthyError("classifier guidance in the demo needs --headless (the window "
+                                 "uses the widget's settings)")
     sample = Path(args.sample) if args.sample else sample_case_path()
     if not args.headless:
         return _demo_gui(sample, args)
@@ -501,12 +657,14 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .core.volume import load_volume
 
     model, spec, digest, folder, settings = _load_model(args)
+    guide = _load_classifier(args, spec, settings)
     volume = load_volume(sample, name=_case_name_from_files(sample)).select(spec.modalities)
     out = Path(args.out)
     if out.resolve() == sample.resolve():
         raise InputError(f"{out}: is the sample folder; choose another --out")
     gen = iter_localize(model, spec, volume.data, settings, model_path=folder,
-                        model_hash=digest, inputs=volume.source_paths)
+                        model_hash=digest, inputs=volume.source_paths,
+                        **guide.localize_kwargs())
     bar = _Bar(volume.name, not args.no_progress)
     try:
         result = _drive(gen, bar)
@@ -682,6 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_synth(sub)
     _add_train(sub)
+    _add_train_classifier(sub)
     _add_localize(sub)
     _add_evaluate(sub)
     _add_demo(sub)

@@ -38,11 +38,21 @@ must stay the inverse of unnormalised decoding so that the round trip is exact.
 
 All DDIM coefficient arithmetic is done on float32 tensors with float64 scalar coefficients,
 whatever autocast does to the network; only the network call runs under autocast.
+
+Classifier guidance (``method="classifier"``, Diff-SCM's earlier method)
+-------------------------------------------------------------------------
+Instead of the second (target-label) pass, decoding asks a noisy-image classifier
+(:mod:`.classifier`) for ``g = grad_x log p(target | x_t, t)`` at the point each step starts
+from and uses ``eps = eps_null - sqrt(1 - alpha_bar_t) * s * g`` (one backward pass of the
+classifier per decoding step). Inversion is the same null-label DDIM inversion. With ``s = 0``
+the classifier is not called and decoding is the unguided (``w = 0``) decoding, exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
+import logging
 import math
 from collections.abc import Callable, Generator, Sequence
 from contextlib import nullcontext
@@ -52,21 +62,27 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .classifier import check_compatible, classifier_gradient, resolve_scale, target_class
 from .device import resolve_device
 from .errors import WhatIsHealthyError
 from .model import HEALTHY, NULL, ModelSpec, ScheduleSpec
 
+_log = logging.getLogger(__name__)
+
 Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 AmpSetting = bool | Literal["auto", "bf16", "fp16"]
+METHODS = ("implicit", "classifier")
 
 __all__ = [
     "CounterfactualSettings",
+    "METHODS",
     "Progress",
     "autocast_dtype",
     "counterfactual",
     "decode",
     "dynamic_normalise",
     "invert",
+    "is_out_of_memory",
     "iter_counterfactual",
     "timestep_plan",
 ]
@@ -90,6 +106,13 @@ class CounterfactualSettings:
     autocast (fp16 on MPS), ``False`` turns it off, ``"bf16"``/``"fp16"`` pick the type.
     ``inversion_refinements``: fixed-point iterations per inversion step (0 = plain DDIM, the
     paper's method; 2-5 make the inversion round trip near exact at that many extra calls).
+    ``batch_size``: slices per chunk (decoding feeds the network twice that); when a chunk runs
+    out of memory it is redone with half as many, down to one slice (see :func:`iter_counterfactual`).
+    ``method``: ``"implicit"`` (classifier-free guidance with weight ``guidance``, the paper's
+    method) or ``"classifier"`` (classifier guidance: ``classifier`` is a noisy-image classifier,
+    :class:`~.classifier.NoisyClassifier` or any ``classifier(x, t) -> logits``, and
+    ``classifier_scale`` its scale ``s``; None takes the classifier spec's recommended scale;
+    ``guidance`` is then unused).
     """
 
     guidance: float = 3.0
@@ -101,6 +124,9 @@ class CounterfactualSettings:
     device: str = "auto"
     amp: AmpSetting = "auto"
     inversion_refinements: int = 0
+    method: str = "implicit"
+    classifier_scale: float | None = None
+    classifier: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, **overrides: Any) -> CounterfactualSettings:
@@ -140,6 +166,26 @@ class CounterfactualSettings:
         if self.amp not in ("auto", "bf16", "fp16", True, False):
             raise WhatIsHealthyError(
                 f"amp must be auto, bf16, fp16, True or False, got {self.amp!r}"
+            )
+        _check_method(self.method, self.classifier_scale)
+
+
+def _check_method(method: Any, classifier_scale: Any) -> None:
+    """The guidance method and the classifier scale (the classifier itself is checked when the
+    counterfactual starts)."""
+    if method not in METHODS:
+        raise WhatIsHealthyError(
+            f"method must be one of {', '.join(METHODS)} (implicit: classifier-free guidance; "
+            f"classifier: classifier guidance), got {method!r}"
+        )
+    if classifier_scale is not None:
+        try:
+            ok = not isinstance(classifier_scale, bool) and math.isfinite(float(classifier_scale))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise WhatIsHealthyError(
+                f"classifier_scale must be a finite number, got {classifier_scale!r}"
             )
 
 
@@ -311,6 +357,9 @@ def _decode_iter(
     dynamic_normalisation: bool,
     batched_guidance: bool,
     amp_dtype: torch.dtype | None,
+    classifier: Any = None,
+    classifier_scale: float = 0.0,
+    classifier_class: int = HEALTHY,
 ) -> Generator[None, None, torch.Tensor]:
     ab = _alphas(alphas_cumprod)
     plan = _check_plan(plan, ab)
@@ -318,6 +367,7 @@ def _decode_iter(
     n = x.shape[0]
     dev = x.device
     w = float(guidance)
+    s = float(classifier_scale)
     null = torch.full((n,), int(null_label), dtype=torch.long, device=dev)
     target = torch.full((n,), int(target_label), dtype=torch.long, device=dev)
     both = torch.cat([null, target])
@@ -325,8 +375,16 @@ def _decode_iter(
     for i in range(len(plan), 0, -1):
         a, b = levels[i], levels[i - 1]
         t = plan[i - 1]
+        if classifier is not None and s != 0.0:
+            # grad_x log p(target | x_t, t) at the point the step starts from: one forward and
+            # one backward pass of the classifier, grad mode entered inside only.
+            grad = classifier_gradient(classifier, x, t, classifier_class, amp_dtype)
         with torch.inference_mode():
-            if w == 0.0:
+            if classifier is not None:  # classifier guidance: the null pass, shifted by the grad
+                eps = _network(predictor, x, t, null, amp_dtype)
+                if s != 0.0:
+                    eps = eps - math.sqrt(1.0 - a) * s * grad
+            elif w == 0.0:
                 eps = _network(predictor, x, t, null, amp_dtype)  # guidance off: null pass only
             else:
                 if batched_guidance:  # one doubled batch: [null half; target half]
@@ -384,15 +442,22 @@ def decode(
     dynamic_normalisation: bool = True,
     batched_guidance: bool = True,
     amp_dtype: torch.dtype | None = None,
+    classifier: Any = None,
+    classifier_scale: float = 0.0,
+    classifier_class: int = HEALTHY,
 ) -> torch.Tensor:
     """Guided DDIM decoding of ``xt`` (at level ``plan[-1]``) down to the clean image.
 
     ``batched_guidance=False`` runs the null and target passes one after the other (for tests).
+    With ``classifier`` (``classifier(x, t) -> logits``), classifier guidance toward output
+    ``classifier_class`` at scale ``classifier_scale`` replaces classifier-free guidance
+    (``guidance`` is then unused).
     """
     return _run(
         _decode_iter(
             predictor, xt, plan, alphas_cumprod, guidance, target_label, null_label,
             dynamic_normalisation, batched_guidance, amp_dtype,
+            classifier, classifier_scale, classifier_class,
         )
     )
 
@@ -425,6 +490,15 @@ def iter_counterfactual(
     (float32 numpy, same shape) as its ``StopIteration`` value. Closing it (``gen.close()``) stops
     at the current step: nothing is returned and nothing raises. Bad input is refused here, at
     call time, not at the first ``next()``.
+
+    Out of memory (``torch.OutOfMemoryError``, or a ``RuntimeError`` saying so, on any device):
+    the chunk's tensors and the allocator cache are freed and the chunk is redone with half the
+    batch, which then stays halved; a chunk that fails with one slice raises
+    :class:`WhatIsHealthyError` saying what to do. Results do not depend on the batch size.
+
+    ``settings.method == "classifier"`` decodes with classifier guidance by
+    ``settings.classifier``; a :class:`~.classifier.NoisyClassifier` is checked here against the
+    model's spec and the timestep plan (image size, channels, schedule, trained timesteps).
     """
     spec: ModelSpec | None = getattr(model, "spec", None)
     if settings is None:
@@ -474,7 +548,74 @@ def iter_counterfactual(
     amp_dtype = autocast_dtype(settings.amp, device)
     plan = timestep_plan(schedule, settings.noise_level, settings.steps)
     alphas = schedule.alphas_cumprod()
-    return _iterate(model, data, settings, plan, alphas, int(null_label), device, amp_dtype)
+    guide = _classifier_guide(settings, spec, plan, device)
+    return _iterate(model, data, settings, plan, alphas, int(null_label), device, amp_dtype,
+                    guide)
+
+
+def _classifier_guide(
+    settings: CounterfactualSettings,
+    spec: ModelSpec | None,
+    plan: list[int],
+    device: torch.device,
+) -> tuple[Any, float, int] | None:
+    """``(classifier, scale, class index)`` for classifier guidance, checked; None otherwise."""
+    if settings.method != "classifier":
+        return None
+    from .classifier import ClassifierSpec
+
+    classifier = settings.classifier
+    if classifier is None:
+        raise WhatIsHealthyError(
+            "method 'classifier' needs a noisy-image classifier (--classifier PATH; train one "
+            "with `whatishealthy train-classifier`)"
+        )
+    cspec = getattr(classifier, "spec", None)
+    if isinstance(cspec, ClassifierSpec):
+        check_compatible(cspec, spec, plan)
+        index = target_class(cspec, spec, settings.target_label)
+    else:
+        index = int(settings.target_label)
+    classifier_dev = _model_device(classifier)
+    if classifier_dev is not None and classifier_dev != device and not (
+        classifier_dev.type == device.type and device.index is None
+    ):
+        raise WhatIsHealthyError(
+            f"the classifier is on {classifier_dev} but the diffusion model runs on {device}; "
+            "load both on the same device"
+        )
+    return classifier, resolve_scale(settings.classifier_scale, classifier), index
+
+
+_OOM_TYPES: tuple[type[BaseException], ...] = tuple(
+    t for t in (getattr(torch, "OutOfMemoryError", None),
+                getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None),
+                MemoryError)
+    if isinstance(t, type)
+)
+_OOM_PHRASES = ("out of memory", "can't allocate memory", "cannot allocate memory",
+                "failed to allocate")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure of torch (CUDA, MPS, CPU) or numpy, by type or by message."""
+    if isinstance(exc, _OOM_TYPES):
+        return True
+    if isinstance(exc, RuntimeError):
+        text = str(exc).lower()
+        return any(phrase in text for phrase in _OOM_PHRASES)
+    return False
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    try:
+        if device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        elif device.type == "mps" and hasattr(torch, "mps"):
+            torch.mps.empty_cache()
+    except Exception:  # freeing the cache is best effort
+        pass
 
 
 def _iterate(
@@ -486,16 +627,23 @@ def _iterate(
     null_label: int,
     device: torch.device,
     amp_dtype: torch.dtype | None,
+    guide: tuple[Any, float, int] | None = None,
 ) -> Generator[Progress, None, np.ndarray]:
+    """Chunks of at most ``batch`` slices; on out-of-memory the chunk is freed and redone with
+    half the batch (which then stays halved), down to one slice, then a clear error.
+
+    Progress stays monotonic: calls spent on a chunk that ran out of memory are counted, and
+    ``total`` grows by the calls needed to redo it.
+    """
     n = data.shape[0]
     out = np.empty_like(data)
     if n == 0:
         return out
     batch = int(settings.batch_size)
-    chunks = math.ceil(n / batch)
+    first_batch = batch
     k = len(plan)
     per_chunk = k * (1 + settings.inversion_refinements) + k
-    total = chunks * per_chunk
+    total = math.ceil(n / batch) * per_chunk
     done = 0
 
     def relay(
@@ -513,19 +661,49 @@ def _iterate(
         finally:
             gen.close()  # on our own close(): stop the inner generator too
 
-    for start in range(0, n, batch):
-        x0 = torch.from_numpy(data[start : start + batch]).to(device)
-        xt = yield from relay(
-            _invert_iter(model, x0, plan, alphas, null_label, settings.inversion_refinements,
-                         amp_dtype),
-            "invert",
+    start = 0
+    while start < n:
+        stop = min(start + batch, n)
+        failure: str | None = None
+        try:
+            x0 = torch.from_numpy(data[start:stop]).to(device)
+            xt = yield from relay(
+                _invert_iter(model, x0, plan, alphas, null_label,
+                             settings.inversion_refinements, amp_dtype),
+                "invert",
+            )
+            del x0
+            healthy = yield from relay(
+                _decode_iter(model, xt, plan, alphas, settings.guidance, settings.target_label,
+                             null_label, settings.dynamic_normalisation, True, amp_dtype,
+                             *(guide or ())),
+                "decode",
+            )
+            del xt
+            out[start:stop] = healthy.to("cpu", torch.float32).numpy()
+            del healthy
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if batch == 1:
+                raise WhatIsHealthyError(
+                    f"out of memory on {device} even with one slice per batch (started at "
+                    f"{first_batch}); free memory used by other programs, or run on the CPU "
+                    "(--device cpu), or use a model with a smaller image size"
+                ) from exc
+            failure = " ".join(str(exc).split())[:200] or type(exc).__name__
+        if failure is None:
+            start = stop
+            continue
+        # Out of the except block: the traceback (and the tensors its frames hold) is gone.
+        x0 = xt = healthy = None  # drop our own references too
+        _free_memory(device)
+        old, batch = batch, max(1, batch // 2)
+        total = done + math.ceil((n - start) / batch) * per_chunk
+        _log.warning(
+            "out of memory on %s with a batch of %d slices (%s); retrying with %d",
+            device, old, failure, batch,
         )
-        healthy = yield from relay(
-            _decode_iter(model, xt, plan, alphas, settings.guidance, settings.target_label,
-                         null_label, settings.dynamic_normalisation, True, amp_dtype),
-            "decode",
-        )
-        out[start : start + batch] = healthy.to("cpu", torch.float32).numpy()
     return out
 
 

@@ -139,15 +139,18 @@ def score_case(
     settings: LocalizeSettings,
     kind: str | None = None,
     on_step: Callable[[Progress], Any] | None = None,
+    classifier: Any = None,
 ) -> CaseScores:
-    """Run the pipeline on one case (a Volume with a segmentation) and keep its brain scores."""
+    """Run the pipeline on one case (a Volume with a segmentation) and keep its brain scores.
+
+    ``classifier``: the noisy-image classifier for ``settings.method == "classifier"``."""
     if volume.segmentation is None:
         raise InputError(
             f"{volume.name}: no segmentation (<case>_seg.nii.gz); evaluation needs the ground truth"
         )
     started = time.time()
     volume = volume.select(spec.modalities)
-    gen = iter_localize(model, spec, volume.data, settings)
+    gen = iter_localize(model, spec, volume.data, settings, classifier=classifier)
     while True:
         try:
             progress = next(gen)
@@ -383,11 +386,15 @@ def evaluate(
     model_info: dict[str, Any] | None = None,
     on_case: Callable[[int, int, str, str], Any] | None = None,
     on_step: Callable[[Progress], Any] | None = None,
+    classifier: Any = None,
+    classifier_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on the cases under ``data`` (and calibrate on ``calibration``).
 
     ``on_case(i, n, name, set)`` is called before each case (``set`` is ``"evaluate"`` or
-    ``"calibration"``); ``on_step`` gets every diffusion step. Returns the JSON-able report.
+    ``"calibration"``); ``on_step`` gets every diffusion step. ``classifier`` is needed for
+    ``settings.method == "classifier"`` (``classifier_info``, e.g. its path and hash, goes into
+    the report). Returns the JSON-able report.
     """
     from .volume import load_volume
 
@@ -404,7 +411,8 @@ def evaluate(
                 on_case(i, len(dirs), d.name, which)
             volume = load_volume(d)
             out.append(score_case(volume, model, spec, settings,
-                                  kind=kinds.get(volume.name), on_step=on_step))
+                                  kind=kinds.get(volume.name), on_step=on_step,
+                                  classifier=classifier))
         return out
 
     started = time.time()
@@ -422,6 +430,9 @@ def evaluate(
         "model": model_info or {"name": spec.name},
         "settings": jsonable(settings),
         "versions": versions(),
+        **({"classifier": classifier_info or {"name": getattr(
+            getattr(classifier, "spec", None), "name", None)}}
+           if settings.method == "classifier" else {}),
         "scoring": "voxels inside the brain; truth = seg > 0; Dice from post-processed masks "
                    "(median filter, brain restriction, small components removed); AUROC/AUPRC "
                    "from raw scores",

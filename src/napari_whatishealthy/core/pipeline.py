@@ -102,7 +102,10 @@ class LocalizeSettings:
     ``threshold``: a number (difference in normalised units), ``"auto"`` (the model spec's
     recommended threshold) or ``"otsu"`` (Otsu's threshold of the difference inside the brain of
     this volume). ``seed`` seeds torch before the run (DDIM with eta = 0 is deterministic; the
-    seed is recorded so that any stochastic variant stays reproducible).
+    seed is recorded so that any stochastic variant stays reproducible). ``method``:
+    ``"implicit"`` (classifier-free guidance with ``guidance``) or ``"classifier"`` (classifier
+    guidance with scale ``classifier_scale``, None: the classifier's recommended scale; the
+    classifier itself is passed to :func:`iter_localize`).
     """
 
     guidance: float = 3.0
@@ -117,6 +120,8 @@ class LocalizeSettings:
     batch_size: int = 64
     amp: AmpSetting = "auto"
     seed: int | None = 0
+    method: str = "implicit"
+    classifier_scale: float | None = None
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, **overrides: Any) -> LocalizeSettings:
@@ -156,8 +161,11 @@ class LocalizeSettings:
             raise WhatIsHealthyError(f"seed must be an integer, got {self.seed!r}")
         self.counterfactual_settings().validate()
 
-    def counterfactual_settings(self, spec: ModelSpec | None = None) -> CounterfactualSettings:
-        """The settings of the diffusion part (target label from ``spec`` when given)."""
+    def counterfactual_settings(
+        self, spec: ModelSpec | None = None, classifier: Any = None
+    ) -> CounterfactualSettings:
+        """The settings of the diffusion part (target label from ``spec`` when given;
+        ``classifier`` for ``method="classifier"``)."""
         values = dict(
             guidance=self.guidance,
             noise_level=self.noise_level,
@@ -166,6 +174,9 @@ class LocalizeSettings:
             batch_size=self.batch_size,
             device=self.device,
             amp=self.amp,
+            method=self.method,
+            classifier_scale=self.classifier_scale,
+            classifier=classifier,
         )
         if spec is not None:
             return CounterfactualSettings.from_spec(spec, **values)
@@ -296,6 +307,9 @@ def iter_localize(
     model_path: str | Path | None = None,
     model_hash: str | None = None,
     inputs: Iterable[str | Path] = (),
+    classifier: Any = None,
+    classifier_path: str | Path | None = None,
+    classifier_hash: str | None = None,
 ) -> Generator[Progress, None, LocalizeResult]:
     """Localize lesions in ``data`` (``[C, X, Y, Z]`` canonical, channels in ``spec.modalities``
     order), step by step.
@@ -304,20 +318,35 @@ def iter_localize(
     as the ``StopIteration`` value; ``close()`` stops at the current step with nothing returned.
     ``z_slices`` restricts the work to those axial slices (a one-slice preview); the others are
     left as in the input (difference 0, healthy = input). ``model_path``, ``model_hash`` and
-    ``inputs`` only go into the provenance. Bad input is refused here, at call time.
+    ``inputs`` only go into the provenance. ``classifier`` is the noisy-image classifier that
+    ``settings.method == "classifier"`` needs (see :mod:`.classifier`; ignored otherwise);
+    ``classifier_path`` and ``classifier_hash`` only go into the provenance. Bad input is
+    refused here, at call time.
     """
     settings = settings or LocalizeSettings.from_spec(spec)
     settings.validate()
     data = _check_data(data, spec)
     prepared = prepare(data, spec.image_size)
     sub = _restrict(prepared, z_slices)
-    cf_settings = settings.counterfactual_settings(spec)
+    guided_by = classifier if settings.method == "classifier" else None
+    cf_settings = settings.counterfactual_settings(spec, guided_by)
     device = _model_device(model, settings.device)
     # iter_counterfactual checks the model, the slices and the settings now, not at next().
     inner = iter_counterfactual(model, sub.slices, cf_settings)
+    classifier_info = None
+    if guided_by is not None:
+        from .classifier import resolve_scale
+
+        cspec = getattr(guided_by, "spec", None)
+        classifier_info = {
+            "name": getattr(cspec, "name", None),
+            "path": str(Path(classifier_path).resolve()) if classifier_path else None,
+            "sha256": classifier_hash,
+            "scale": resolve_scale(settings.classifier_scale, guided_by),
+        }
     return _run(
         inner, data, prepared, sub, settings, spec, device, z_slices,
-        model_path, model_hash, tuple(inputs),
+        model_path, model_hash, tuple(inputs), classifier_info,
     )
 
 
@@ -333,6 +362,7 @@ def _run(
     model_path: str | Path | None,
     model_hash: str | None,
     inputs: tuple,
+    classifier_info: dict[str, Any] | None = None,
 ) -> Generator[Progress, None, LocalizeResult]:
     started = time.time()
     if settings.seed is not None:
@@ -399,6 +429,7 @@ def _run(
             "seconds": round(time.time() - started, 3),
             "seconds_model": round(t_model, 3),
             "warnings": warnings,
+            **({"classifier": classifier_info} if classifier_info is not None else {}),
         },
     )
     return LocalizeResult(
@@ -495,7 +526,7 @@ def write_outputs(
 
     case = case or volume.name
     paths = output_paths(out_dir, case, result.modalities, all_channels)
-    protected = tuple(volume.source_paths)
+    protected = tuple(volume.input_paths)
     check_outputs(paths, protected, overwrite)
     written: list[Path] = []
     existed = {k: p.exists() for k, p in paths.items()}

@@ -5,6 +5,12 @@ and mapped with ``x * 2 - 1`` (brain intensities mostly in [-1, 1], background a
 slices are cropped to one square box around the brain (the same box for every slice, so that the
 model sees the anatomy at one scale), resized to the model size, and only slices that hold brain
 are sent to the network.
+
+Robustness: an all-zero volume (no brain) gives zero slices (``N = 0``) and an inverse that maps
+nothing back, so the pipeline returns an empty mask; arrays that are not real, finite
+``[C, X, Y, Z]`` volumes are refused with an :class:`InputError`; normalised intensities are
+clipped to ``[-NORMALISED_LIMIT, NORMALISED_LIMIT]`` so that a few absurd voxels (a corrupt file, a
+wrong scaling) cannot overflow float32.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import torch.nn.functional as F
 from .errors import InputError
 
 BACKGROUND = -1.0
+#: Normalised intensities are clipped to +-this (1e6 times the brain's 99th percentile).
+NORMALISED_LIMIT = 1e6
 
 
 @dataclass
@@ -49,17 +57,19 @@ def normalise(data: np.ndarray, brain: np.ndarray, percentile: float = 99.0) -> 
     out = np.full(data.shape, BACKGROUND, dtype=np.float32)
     if brain.any():
         for c in range(channels):
-            values = data[c][brain]
+            values = data[c][brain].astype(np.float64)  # float32 percentiles can overflow
             scale = float(np.percentile(values, percentile))
-            if scale <= 0:
+            if not scale > 0:
                 scale = float(np.abs(values).max())
-            if scale <= 0:
+            if not (scale > 0 and np.isfinite(scale)):
                 raise InputError(
                     f"channel {c} is zero everywhere inside the brain; check that the right file "
                     "was given for this modality"
                 )
             scales[c] = scale
-            out[c][brain] = data[c][brain] / scale * 2.0 - 1.0
+            with np.errstate(all="ignore"):
+                values = np.clip(values / scale * 2.0 - 1.0, -NORMALISED_LIMIT, NORMALISED_LIMIT)
+            out[c][brain] = values
     return out, scales
 
 
@@ -112,9 +122,25 @@ def _resize(batch: np.ndarray, size: int) -> np.ndarray:
 
 def prepare(data: np.ndarray, size: int, brain: np.ndarray | None = None) -> PreparedVolume:
     """Turn a ``[C, X, Y, Z]`` volume into normalised model-space axial slices ``[N, C, S, S]``."""
-    if data.ndim != 4:
-        raise InputError(f"expected a [C, X, Y, Z] array, got shape {data.shape}")
-    brain = brain_mask(data) if brain is None else brain.astype(bool)
+    data = np.asarray(data)
+    if data.ndim != 4 or data.shape[0] < 1 or min(data.shape[1:]) < 1:
+        raise InputError(f"expected a [C, X, Y, Z] array with C >= 1, got shape {data.shape}")
+    if data.dtype.kind not in "biuf":
+        raise InputError(f"unsupported data type {data.dtype}; a real-valued volume is needed")
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+        raise InputError(f"the model size must be an integer >= 1, got {size!r}")
+    size = int(size)
+    data = data.astype(np.float32, copy=False)
+    if not np.isfinite(data).all():
+        raise InputError("the volume contains NaN or infinite voxels; replace them first")
+    if brain is None:
+        brain = brain_mask(data)
+    else:
+        brain = np.asarray(brain).astype(bool)
+        if brain.shape != data.shape[1:]:
+            raise InputError(
+                f"the brain mask has shape {brain.shape}, the volume {data.shape[1:]}"
+            )
     normalised, scales = normalise(data, brain)
     x0, y0, side = square_box(brain)
     index = brain_slices(brain, side)
