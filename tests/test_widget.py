@@ -55,6 +55,47 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(model, tmp_path_factory.mktemp("widget-ckpt") / "tiny")
 
 
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory) -> Path:
+    """A tiny random noisy-image classifier for the tiny model, saved as `whatishealthy
+    train-classifier --out RUN` saves it (RUN/checkpoint), with a recommended scale of 4.5."""
+    import torch
+
+    from napari_whatishealthy.core.classifier import (
+        ClassifierNetworkSpec,
+        ClassifierSpec,
+        build_classifier,
+        save_classifier,
+    )
+
+    spec = ClassifierSpec(
+        image_size=16, name="tiny-widget-classifier",
+        network=ClassifierNetworkSpec(channels=(8, 16), attention_levels=(False, True),
+                                      norm_num_groups=8, num_head_channels=8),
+    )
+    spec.inference.scale = 4.5
+    torch.manual_seed(0)
+    run = tmp_path_factory.mktemp("widget-clf") / "run"
+    save_classifier(build_classifier(spec).eval(), run / "checkpoint")
+    return run
+
+
+@pytest.fixture
+def errors_shown(monkeypatch) -> list[str]:
+    """The messages of the napari error notifications shown (they are still shown)."""
+    from napari.utils import notifications
+
+    shown: list[str] = []
+    original = notifications.show_error
+
+    def recording(message: str) -> None:
+        shown.append(message)
+        original(message)
+
+    monkeypatch.setattr(notifications, "show_error", recording)
+    return shown
+
+
 @pytest.fixture
 def lesion_case(case_dirs) -> Path:
     """A case of conftest's synthetic set whose segmentation holds a lesion."""
@@ -129,6 +170,7 @@ def test_end_to_end_threshold_and_metrics(make_napari_viewer, qtbot, lesion_case
         prov = layer.metadata["provenance"]
         assert len(prov["model"]["sha256"]) == 64
         assert prov["settings"]["steps"] == 2 and "versions" in prov and prov["device"]
+        assert prov["settings"]["method"] == "implicit" and "classifier" not in prov
     mask = viewer.layers["flair mask"]
     assert type(mask).__name__ == "Labels" and mask.data.dtype == np.uint8
     assert "Dice" in widget.metrics_label.text() and "AUPRC" in widget.metrics_label.text()
@@ -356,6 +398,94 @@ def test_errors_are_notifications(make_napari_viewer, qtbot, lesion_case, tiny_c
     assert not widget.run_button.isEnabled()
     assert "checkpoint" in widget.model_info.text()
     assert flair in viewer.layers and not any(name in viewer.layers for name in RESULTS)
+
+
+def test_classifier_guidance_end_to_end(make_napari_viewer, qtbot, lesion_case, tiny_checkpoint,
+                                        tiny_classifier, count_runs):
+    from napari_whatishealthy.core.model import checkpoint_hash
+
+    viewer, widget = _setup(make_napari_viewer, lesion_case, tiny_checkpoint)
+    # No classifier by default: classifier-free guidance, and the request is as it always was.
+    assert widget.classifier_edit.text() == "" and widget.classifier_path is None
+    assert widget.guidance.isEnabled() and not widget.classifier_scale.isEnabled()
+    request, _ = widget._build_request()
+    assert request.classifier is None
+    assert "method" not in request.overrides and "classifier_scale" not in request.overrides
+    assert widget.classifier_edit.toolTip() and widget.classifier_scale.toolTip()
+    assert (widget.classifier_scale.minimum(), widget.classifier_scale.maximum()) == (0, 1000)
+
+    # The train-classifier output folder resolves to its checkpoint; the scale is its spec's.
+    folder = (tiny_classifier / "checkpoint").resolve()
+    assert widget.set_classifier(tiny_classifier)
+    assert widget.classifier_path == str(folder)
+    assert widget.classifier_scale.value() == pytest.approx(4.5)
+    assert not widget.guidance.isEnabled() and widget.classifier_scale.isEnabled()
+    assert "tiny-widget-classifier" in widget.classifier_info.text()
+    widget.classifier_scale.setValue(7.0)
+    _run(qtbot, widget)
+    assert len(count_runs) == 1
+    assert not widget.guidance.isEnabled()
+    for name in RESULTS:
+        prov = viewer.layers[name].metadata["provenance"]
+        assert prov["settings"]["method"] == "classifier"
+        assert prov["settings"]["classifier_scale"] == 7.0
+        entry = prov["classifier"]
+        assert entry["name"] == "tiny-widget-classifier" and entry["scale"] == 7.0
+        assert Path(entry["path"]) == folder
+        assert entry["sha256"] == checkpoint_hash(folder)
+    # "Model defaults" puts the classifier's recommended scale back.
+    widget.reset_defaults()
+    assert widget.classifier_scale.value() == pytest.approx(4.5)
+
+    # Clearing the field (its clear button) goes back to classifier-free guidance.
+    widget.classifier_edit.clear()
+    assert widget.classifier_path is None
+    assert widget.guidance.isEnabled() and not widget.classifier_scale.isEnabled()
+    request, _ = widget._build_request()
+    assert request.classifier is None and "method" not in request.overrides
+
+
+def test_broken_classifier_is_a_notification(make_napari_viewer, qtbot, lesion_case,
+                                             tiny_checkpoint, tiny_classifier, errors_shown,
+                                             tmp_path):
+    viewer, widget = _setup(make_napari_viewer, lesion_case, tiny_checkpoint)
+    names = [layer.name for layer in viewer.layers]
+
+    # 1. A folder whose spec is not JSON: refused when chosen, and Run refuses it too.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "spec.json").write_text("{not json")
+    (broken / "model.safetensors").write_bytes(b"junk")
+    assert not widget.set_classifier(broken)
+    assert len(errors_shown) == 1 and "not valid JSON" in errors_shown[0]
+    assert widget.classifier_path is None and widget.guidance.isEnabled()
+    assert "not valid JSON" in widget.classifier_info.text()
+    widget.run()
+    assert not widget.is_running and len(errors_shown) == 2
+    assert "classifier is not usable" in widget.last_error
+    # 2. A diffusion model checkpoint given as the classifier.
+    assert not widget.set_classifier(tiny_checkpoint)
+    assert "diffusion model checkpoint" in errors_shown[-1]
+
+    # 3. A good spec with corrupt weights: the run fails with a notification, layers unchanged.
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "spec.json").write_text((tiny_classifier / "checkpoint" / "spec.json").read_text())
+    (corrupt / "model.safetensors").write_bytes(b"not safetensors at all")
+    assert widget.set_classifier(corrupt)
+    assert not widget.guidance.isEnabled()
+    widget.run()
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT_MS)
+    assert "not a readable safetensors" in widget.last_error
+    assert "not a readable safetensors" in errors_shown[-1]
+    assert [layer.name for layer in viewer.layers] == names
+    assert widget.run_button.isEnabled()
+
+    # The widget keeps working: without the classifier it runs as before.
+    widget.set_classifier(None)
+    assert widget.guidance.isEnabled()
+    _run(qtbot, widget)
+    assert "classifier" not in viewer.layers["flair mask"].metadata["provenance"]
 
 
 def test_screenshot_shows_the_widget_and_the_mask(make_napari_viewer, qtbot, lesion_case,

@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QProgressBar,
     QPushButton,
     QSizePolicy,
@@ -74,7 +75,18 @@ TIPS = {
     "model.safetensors, as `whatishealthy train` writes) chosen with Browse.",
     "guidance": "Classifier-free guidance scale w: how strongly decoding is pushed toward "
     "'healthy'. Higher removes more of a lesion but may also change healthy tissue; "
-    "0 decodes without the label (a plain reconstruction).",
+    "0 decodes without the label (a plain reconstruction). Not used while a classifier is "
+    "chosen (classifier guidance replaces it).",
+    "classifier": "Optional: a noisy-image classifier checkpoint folder (what `whatishealthy "
+    "train-classifier --out DIR` writes: DIR or DIR/checkpoint) for classifier guidance "
+    "(Diff-SCM / Wolleb et al.): decoding follows the classifier's gradient toward 'healthy' "
+    "instead of classifier-free guidance, and Guidance is not used. Empty (the default): "
+    "classifier-free guidance, the paper's method.",
+    "classifier_scale": "Classifier guidance scale s: how strongly the classifier's gradient "
+    "toward 'healthy' pushes each decoding step. Higher removes more of a lesion but may also "
+    "change healthy tissue; 0 decodes without guidance. Set to the classifier's recommended "
+    "value when a classifier is chosen; the best value depends on the image size, the steps "
+    "and the classifier, so try a few.",
     "noise": "Noise level L (0-1): how far each slice is inverted into the diffusion process "
     "before it is decoded as healthy. Higher lets the model change more (large lesions) at the "
     "cost of fine detail; lower keeps the anatomy closer to the input.",
@@ -110,6 +122,10 @@ class LocalizeWidget(QWidget):
         self.viewer = viewer
         self._spec = None
         self._model_ref: str | None = None
+        self._classifier_text = ""  # the classifier field's text as last checked
+        self._classifier_ref: str | None = None  # its checkpoint folder, when usable
+        self._classifier_spec = None
+        self._classifier_error: str | None = None
         self._session: ResultSession | None = None
         self._worker = None
         self._job_context: dict[str, Any] | None = None
@@ -177,6 +193,30 @@ class LocalizeWidget(QWidget):
         self.guidance.setDecimals(2)
         self.guidance.setToolTip(TIPS["guidance"])
         form.addRow("Guidance", self.guidance)
+        row = QHBoxLayout()
+        self.classifier_edit = QLineEdit()
+        self.classifier_edit.setPlaceholderText("none: classifier-free guidance")
+        self.classifier_edit.setClearButtonEnabled(True)
+        self.classifier_edit.setToolTip(TIPS["classifier"])
+        self.classifier_edit.editingFinished.connect(self._on_classifier_edited)
+        self.classifier_edit.textChanged.connect(self._on_classifier_text_changed)
+        self.classifier_browse_button = QPushButton("Browse…")
+        self.classifier_browse_button.setToolTip("Choose a classifier checkpoint folder")
+        self.classifier_browse_button.clicked.connect(self._browse_classifier)
+        row.addWidget(self.classifier_edit)
+        row.addWidget(self.classifier_browse_button)
+        form.addRow("Classifier", row)
+        self.classifier_scale = QDoubleSpinBox()
+        self.classifier_scale.setRange(0.0, 1000.0)
+        self.classifier_scale.setSingleStep(1.0)
+        self.classifier_scale.setDecimals(2)
+        self.classifier_scale.setToolTip(TIPS["classifier_scale"])
+        self.classifier_scale.setEnabled(False)
+        form.addRow("Classifier scale", self.classifier_scale)
+        self.classifier_info = QLabel("")
+        self.classifier_info.setWordWrap(True)
+        self.classifier_info.setVisible(False)
+        form.addRow(self.classifier_info)
         self.noise_level = QDoubleSpinBox()
         self.noise_level.setRange(0.01, 1.0)
         self.noise_level.setSingleStep(0.05)
@@ -199,10 +239,11 @@ class LocalizeWidget(QWidget):
         form.addRow("Scope", self.scope_combo)
         self.defaults_button = QPushButton("Model defaults")
         self.defaults_button.setToolTip("Set guidance, noise level and steps to the model's "
-                                        "recommended values")
+                                        "recommended values (and the classifier scale to the "
+                                        "classifier's)")
         self.defaults_button.clicked.connect(self.reset_defaults)
         form.addRow(self.defaults_button)
-        for spin in (self.guidance, self.noise_level, self.steps):
+        for spin in (self.guidance, self.classifier_scale, self.noise_level, self.steps):
             spin.valueChanged.connect(self._mark_stale)
         root.addWidget(box)
 
@@ -347,11 +388,15 @@ class LocalizeWidget(QWidget):
                 )
                 self.reset_defaults()
         self._rebuild_modality_rows()
+        self._update_classifier_info()
         self._mark_stale()
         self._update_run_enabled()
 
     def reset_defaults(self) -> None:
-        """Guidance, noise level, steps (and min component size) from the model's spec."""
+        """Guidance, noise level, steps (and min component size) from the model's spec; the
+        classifier scale from the classifier's spec."""
+        if self._classifier_spec is not None:
+            self.classifier_scale.setValue(float(self._classifier_spec.inference.scale))
         if self._spec is None:
             return
         inf = self._spec.inference
@@ -362,6 +407,87 @@ class LocalizeWidget(QWidget):
             self.min_size.blockSignals(True)
             self.min_size.setValue(int(inf.min_component_voxels))
             self.min_size.blockSignals(False)
+
+    # --------------------------------------------------------------------------------------------
+    # Classifier guidance (optional)
+
+    def _browse_classifier(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose a classifier checkpoint folder")
+        if folder:
+            self.set_classifier(folder)
+
+    def set_classifier(self, path: str | Path | None) -> bool:
+        """Choose a classifier checkpoint for classifier guidance (None or "": none, i.e.
+        classifier-free guidance). Returns whether it is usable; if not, says why in a
+        notification and runs are refused until it is fixed or cleared."""
+        text = "" if path is None else str(path)
+        self.classifier_edit.blockSignals(True)
+        self.classifier_edit.setText(text)
+        self.classifier_edit.blockSignals(False)
+        return self._apply_classifier(text)
+
+    @property
+    def classifier_path(self) -> str | None:
+        """The chosen classifier's checkpoint folder (None: classifier-free guidance)."""
+        return self._classifier_ref
+
+    def _on_classifier_text_changed(self, text: str) -> None:
+        if not text.strip() and self._classifier_text:  # cleared: back to no classifier at once
+            self._apply_classifier("")
+
+    def _on_classifier_edited(self) -> None:
+        text = self.classifier_edit.text().strip()
+        if text != self._classifier_text:
+            self._apply_classifier(text)
+
+    def _apply_classifier(self, text: str, notify: bool = True) -> bool:
+        from .core.classifier import load_classifier_spec, resolve_classifier
+
+        text = text.strip()
+        self._classifier_text = text
+        self._classifier_ref = None
+        self._classifier_spec = None
+        self._classifier_error = None
+        if text:
+            try:
+                folder = resolve_classifier(text)
+                spec = load_classifier_spec(folder)
+            except WhatIsHealthyError as exc:
+                self._classifier_error = str(exc)
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+                # a spec.json of the right format whose contents are malformed
+                self._classifier_error = f"{text}: unreadable classifier spec ({exc})"
+            else:
+                self._classifier_ref = str(folder)
+                self._classifier_spec = spec
+                self.classifier_scale.setValue(float(spec.inference.scale))
+            if self._classifier_error is not None and notify:
+                self._notify_error(f"classifier not usable: {self._classifier_error}")
+        using = self._classifier_ref is not None
+        self.guidance.setEnabled(not using)
+        self.classifier_scale.setEnabled(using)
+        self._update_classifier_info()
+        self._mark_stale()
+        return using
+
+    def _update_classifier_info(self) -> None:
+        """The line under the classifier: what it is, why it is not usable, or a mismatch."""
+        from .core.classifier import check_compatible
+
+        cspec = self._classifier_spec
+        if self._classifier_error is not None:
+            text = f"<span style='color:#e05050'>{self._classifier_error}</span>"
+        elif cspec is not None:
+            text = (f"{cspec.name}: classifier guidance ({cspec.image_size}×{cspec.image_size}, "
+                    f"channels {', '.join(cspec.modalities)}); Guidance is not used")
+            try:
+                check_compatible(cspec, self._spec)
+            except WhatIsHealthyError as exc:
+                text += f"<br><span style='color:#e0a030'>{exc}</span>"
+        else:
+            text = ""
+        self.classifier_info.setText(text)
+        self.classifier_info.setVisible(bool(text))
 
     # --------------------------------------------------------------------------------------------
     # Layer choices
@@ -480,6 +606,14 @@ class LocalizeWidget(QWidget):
     def _build_request(self) -> tuple[JobRequest, dict[str, Any]]:
         if self._spec is None or self._model_ref is None:
             raise WhatIsHealthyError("choose a model first (a bundled one or a checkpoint folder)")
+        text = self.classifier_edit.text().strip()
+        if text != self._classifier_text:  # typed but not confirmed yet
+            self._apply_classifier(text, notify=False)
+        if text and self._classifier_ref is None:
+            raise WhatIsHealthyError(
+                f"the classifier is not usable: {self._classifier_error} (fix it, or clear the "
+                "Classifier field for classifier-free guidance)"
+            )
         layers = self.input_layers()
         missing = [m for m in self._spec.modalities if m not in layers]
         if missing:
@@ -519,6 +653,9 @@ class LocalizeWidget(QWidget):
             "brain_only": bool(self.brain_only.isChecked()),
             "threshold": threshold,
         }
+        if self._classifier_ref is not None:
+            overrides["method"] = "classifier"
+            overrides["classifier_scale"] = float(self.classifier_scale.value())
         inputs = tuple(
             str(layers[m].metadata["source_path"])
             for m in self._spec.modalities if layers[m].metadata.get("source_path")
@@ -526,6 +663,7 @@ class LocalizeWidget(QWidget):
         request = JobRequest(
             model=self._model_ref, device=self.device_combo.currentText(), data=data,
             overrides=overrides, z_slices=z_slices, inputs=inputs,
+            classifier=self._classifier_ref,
         )
         context = {
             "source_name": reference.name,

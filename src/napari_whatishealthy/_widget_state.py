@@ -114,12 +114,17 @@ class JobFailed:
 
 @dataclass
 class JobRequest:
+    """One run. ``overrides`` are LocalizeSettings fields. ``classifier``: a noisy-image
+    classifier checkpoint for classifier guidance (None: classifier-free guidance); with one,
+    ``method`` defaults to ``"classifier"``."""
+
     model: str | Path
     device: str
     data: np.ndarray  # [C, X, Y, Z] canonical float32, channels in the model's order
     overrides: dict[str, Any]
     z_slices: list[int] | None = None
     inputs: tuple[str, ...] = ()
+    classifier: str | Path | None = None
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -134,21 +139,33 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 def localize_job(request: JobRequest) -> Generator[Any, None, Any]:
-    """Load the model (cached) and localize, yielding a StatusMessage or a pipeline Progress per
-    step; returns the ``LocalizeResult`` or a :class:`JobFailed`."""
-    from .core import pipeline, registry
+    """Load the model (and the classifier, if any; both cached) and localize, yielding a
+    StatusMessage or a pipeline Progress per step; returns the ``LocalizeResult`` or a
+    :class:`JobFailed`."""
+    from .core import classifier, pipeline, registry
 
     try:
         yield StatusMessage("loading the model")
         model, spec, digest = registry.load_model_cached(request.model, request.device)
         folder = registry.resolve_model(request.model)
-        settings = pipeline.LocalizeSettings.from_spec(
-            spec, device=request.device, **request.overrides
-        )
+        overrides = dict(request.overrides)
+        guide: dict[str, Any] = {}
+        if request.classifier is not None:
+            yield StatusMessage("loading the classifier")
+            clf, _, clf_digest = classifier.load_classifier_cached(
+                request.classifier, request.device
+            )
+            guide = {
+                "classifier": clf,
+                "classifier_path": classifier.resolve_classifier(request.classifier),
+                "classifier_hash": clf_digest,
+            }
+            overrides.setdefault("method", "classifier")
+        settings = pipeline.LocalizeSettings.from_spec(spec, device=request.device, **overrides)
         yield StatusMessage("preparing the slices")
         gen = pipeline.iter_localize(
             model, spec, request.data, settings, request.z_slices,
-            model_path=folder, model_hash=digest, inputs=request.inputs,
+            model_path=folder, model_hash=digest, inputs=request.inputs, **guide,
         )
         result = yield from gen
         return result

@@ -469,7 +469,9 @@ def _add_localize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--modality", default=None,
-                   help="the modality of an input file whose name does not say it")
+                   help="the modality of an input file whose name does not say it; for a 4D file "
+                        "holding one case's modalities, their names in order, comma-separated "
+                        "(e.g. flair,t1,t1ce,t2)")
     p.add_argument("--all-channels", action="store_true",
                    help="also write <case>_healthy_<modality>.nii.gz for every model channel")
     _add_inference_options(p)
