@@ -386,7 +386,12 @@ def _run(
     _, per_s = difference_maps(input_s, healthy_s, channel_axis=1)
     per_channel = np.maximum(to_volume(sub, per_s, fill=0.0), 0.0)
     raw = per_channel.mean(axis=0)  # = to_volume of the channel mean: the resize is linear
-    difference = median_smooth(raw, settings.median_size, slice_axis=-1).astype(np.float32)
+    # The median is in-plane, so only processed slices need it (the others are 0): this keeps a
+    # one-slice preview from filtering the whole volume.
+    difference = np.zeros_like(raw, dtype=np.float32)
+    idx = sub.slice_index
+    if idx.size:
+        difference[..., idx] = median_smooth(raw[..., idx], settings.median_size, slice_axis=-1)
     # Outside the brain there is only background; what the model-space resize bleeds there is
     # not an anomaly and would show as a halo in the difference layer.
     difference[~brain] = 0.0
