@@ -41,6 +41,8 @@ from .model import (
     ModelSpec,
     ScheduleSpec,
     checkpoint_hash,
+    load_state_strict,
+    read_safetensors,
 )
 
 CLASSIFIER_FORMAT = "napari-whatishealthy/classifier-spec/1"
@@ -253,9 +255,6 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
     classifier is in eval mode with its parameters frozen (guidance needs gradients with respect
     to the input only).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if directory.is_file():
         raise CheckpointError(
@@ -263,28 +262,9 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
             f"{WEIGHTS_FILE}"
         )
     spec = load_classifier_spec(directory)
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: weights file missing from the classifier checkpoint")
-    with open(weights, "rb") as fh:
-        head = fh.read(2)
-    if head[:1] == b"\x80" or head == b"PK":
-        raise CheckpointError(
-            f"{weights}: this is a pickle/zip file, not safetensors; pickled checkpoints are "
-            "refused because loading them can execute code. Convert it with safetensors."
-        )
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from exc
+    state = read_safetensors(directory / WEIGHTS_FILE, "classifier checkpoint")
     model = build_classifier(spec)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0:3]
-        raise CheckpointError(
-            f"{directory}: the classifier weights do not match its spec ({' '.join(first)})"
-        ) from exc
+    load_state_strict(model, state, f"{directory}: the classifier weights do not match its spec")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

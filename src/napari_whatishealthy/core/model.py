@@ -233,18 +233,26 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     Pickles, truncated or corrupt weight files, and weights that do not fit the spec are refused
     with a ``CheckpointError`` that says what is wrong.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if directory.is_file():
         raise CheckpointError(
             f"{directory}: expected a checkpoint folder holding {SPEC_FILE} and {WEIGHTS_FILE}"
         )
     spec = load_spec(directory)
-    weights = directory / WEIGHTS_FILE
+    state = read_safetensors(directory / WEIGHTS_FILE, "checkpoint")
+    model = build_model(spec)
+    load_state_strict(model, state, f"{directory}: the weights do not match the spec")
+    model.eval()
+    return model.to(device)
+
+
+def read_safetensors(weights: Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; a pickle or zip is refused before anything is parsed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     if not weights.is_file():
-        raise CheckpointError(f"{weights}: weights file missing from the checkpoint")
+        raise CheckpointError(f"{weights}: weights file missing from the {what}")
     with open(weights, "rb") as fh:
         head = fh.read(2)
     if head[:1] == b"\x80" or head == b"PK":
@@ -253,16 +261,15 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
             "refused because loading them can execute code. Convert it with safetensors."
         )
     try:
-        state = load_file(str(weights))
+        return load_file(str(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from exc
-    model = build_model(spec)
+
+
+def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], mismatch: str) -> None:
+    """Load every tensor or none; a mismatch becomes a CheckpointError starting ``mismatch``."""
     try:
-        model.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0:3]
-        raise CheckpointError(
-            f"{directory}: the weights do not match the spec ({' '.join(first)})"
-        ) from exc
-    model.eval()
-    return model.to(device)
+        raise CheckpointError(f"{mismatch} ({' '.join(first)})") from exc
