@@ -80,6 +80,7 @@ __all__ = [
     "autocast_dtype",
     "counterfactual",
     "decode",
+    "drain",
     "dynamic_normalise",
     "invert",
     "is_out_of_memory",
@@ -718,6 +719,11 @@ def counterfactual(
 ) -> np.ndarray:
     """Run :func:`iter_counterfactual` to the end; ``progress_callback`` gets each Progress."""
     gen = iter_counterfactual(model, slices, settings, schedule=schedule, null_label=null_label)
+    return drain(gen, progress_callback)
+
+
+def drain(gen: Generator[Progress, None, Any], progress_callback: Callable[[Progress], Any] | None = None) -> Any:
+    """Run a progress generator to the end and return its value; the callback gets each step."""
     while True:
         try:
             progress = next(gen)

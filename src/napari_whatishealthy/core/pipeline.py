@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .anomaly import difference_maps, make_mask, median_smooth, otsu_threshold
-from .counterfactual import AmpSetting, CounterfactualSettings, Progress, iter_counterfactual
+from .counterfactual import AmpSetting, CounterfactualSettings, Progress, drain, iter_counterfactual
 from .device import resolve_device
 from .errors import InputError, WhatIsHealthyError
 from .model import ModelSpec
@@ -463,14 +463,7 @@ def localize(
     **provenance: Any,
 ) -> LocalizeResult:
     """Run :func:`iter_localize` to the end (``progress_callback`` gets each Progress)."""
-    gen = iter_localize(model, spec, data, settings, z_slices, **provenance)
-    while True:
-        try:
-            progress = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if progress_callback is not None:
-            progress_callback(progress)
+    return drain(iter_localize(model, spec, data, settings, z_slices, **provenance), progress_callback)
 
 
 # --------------------------------------------------------------------------------------------

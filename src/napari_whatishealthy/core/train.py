@@ -340,9 +340,7 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
             "generator": generator.get_state(),
             "config": json.dumps(asdict(config)),
         }
-        tmp = out / (STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(state_path)
+        save_state_atomic(state, state_path)
         if final:
             log(f"checkpoint: {out / CHECKPOINT_DIR}")
 
@@ -416,6 +414,14 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
             dist.barrier()
             dist.destroy_process_group()
     return out / CHECKPOINT_DIR
+
+
+def save_state_atomic(state: dict, path: Path) -> None:
+    """Write a resumable training state through a temporary file: an interrupted save keeps the
+    previous state intact (read back with ``torch.load(weights_only=True)``)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
 
 
 def read_log(out: str | Path) -> list[dict]:

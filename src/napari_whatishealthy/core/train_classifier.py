@@ -48,6 +48,7 @@ from .train import (
     _load_data,
     _split_cases,
     _stop_on_sigterm,
+    save_state_atomic,
 )
 
 __all__ = ["ClassifierTrainConfig", "classifier_loss", "evaluate_classifier", "train_classifier"]
@@ -264,9 +265,7 @@ def _train(config: ClassifierTrainConfig, log: Callable[[str], None],
             "generator": generator.get_state(),
             "config": json.dumps(asdict(config)),
         }
-        tmp = out / (STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(state_path)
+        save_state_atomic(state, state_path)
         if final:
             log(f"classifier checkpoint: {out / CHECKPOINT_DIR}")
 
