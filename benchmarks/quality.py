@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="default")
     parser.add_argument("--cases", type=int, default=None, help="evaluate only the first N cases")
     parser.add_argument("--json", default=None, help="write the full reports here")
+    parser.add_argument("--z-stride", type=int, default=1,
+                        help="run and score every k-th brain slice only (all methods on the same "
+                             "voxels; a sweep at 1/k of the cost)")
     parser.add_argument("--tiny", action="store_true", help="smoke test: tiny data and model")
     parser.add_argument("--classifier", default=None,
                         help="a noisy-image classifier checkpoint: adds classifier-guidance rows")
@@ -149,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.time()
         guided = settings.method == "classifier"
         report = evaluate(data, model, spec, settings, calibration=calibration, limit=args.cases,
+                          z_stride=args.z_stride,
                           model_info={"path": str(model_path), "sha256": digest},
                           classifier=classifier if guided else None,
                           classifier_info=dict(classifier_info or {}, scale=settings.classifier_scale)
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         reports[name] = report
         print(f"# {name}: {n_cases} cases evaluated in {time.time() - started:.0f} s", file=sys.stderr)
 
-    print(f"model: {model_path} (sha256 {digest[:12]}), data: {data}, calibration: {calibration}")
+    print(f"model: {model_path} (sha256 {digest[:12]}), data: {data}, calibration: {calibration}"
+          + (f", every {args.z_stride}th brain slice" if args.z_stride > 1 else ""))
     if classifier_info:
         print(f"classifier: {classifier_info['path']} (sha256 {classifier_info['sha256'][:12]})")
     print(f"machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}")

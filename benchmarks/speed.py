@@ -167,23 +167,38 @@ def worker(args: argparse.Namespace) -> dict:
         from napari_whatishealthy.core.runtime import tune_allocator
 
         tune_allocator()
-        prepared = prepare(data, spec.image_size)
+        from napari_whatishealthy.core.pipeline import prepare_input
+
+        prepared = prepare_input(data, spec)
         centre = int(prepared.slice_index[len(prepared.slice_index) // 2])
-        localize(model, spec, data, settings, z_slices=[centre])  # warm-up (kernels, caches)
+        other = int(prepared.slice_index[len(prepared.slice_index) // 3])
+        localize(model, spec, data, settings, z_slices=[other])  # warm-up (kernels, caches)
+        # First preview of a volume: preparing it (brain mask, normalisation, slicing) included.
         started = time.perf_counter()
         localize(model, spec, data, settings, z_slices=[centre])
         preview = time.perf_counter() - started
+        # The widget keeps the prepared volume: later previews (new settings, other slices) skip it.
+        started = time.perf_counter()
+        localize(model, spec, data, settings, z_slices=[centre], prepared=prepared)
+        preview_cached = time.perf_counter() - started
         started = time.perf_counter()
         full = localize(model, spec, data, settings)
         volume_s = time.perf_counter() - started
+        # The threshold slider: the widget's remask, in napari's [Z, Y, X] order. Thresholds are
+        # chosen before timing; from the recommended one down to where 10 % of the brain is above.
+        inside = full.difference[full.brain]
+        thresholds = [float(full.threshold_used)] + [float(np.quantile(inside, q))
+                                                      for q in np.linspace(0.9, 0.99, 19)]
+        remask(full, thresholds[0], settings.min_component_voxels, True, order="zyx")  # its copies
         timings = []
-        for i in range(20):
+        for threshold in thresholds:
             t0 = time.perf_counter()
-            remask(full, float(np.quantile(full.difference[full.brain], 0.9 + 0.004 * i)),
-                   settings.min_component_voxels, True)
+            remask(full, threshold, settings.min_component_voxels, True, order="zyx")
             timings.append(time.perf_counter() - t0)
-        result.update(preview_s=preview, volume_s=volume_s, slices=int(len(prepared.slice_index)),
-                      remask_ms=1000 * float(np.median(timings)))
+        result.update(preview_s=preview, preview_cached_s=preview_cached, volume_s=volume_s,
+                      slices=int(len(prepared.slice_index)),
+                      remask_ms=1000 * float(np.median(timings)),
+                      remask_max_ms=1000 * float(np.max(timings)))
         if args.compare_out:
             from napari_whatishealthy.core.counterfactual import CounterfactualSettings, counterfactual
 
@@ -255,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, preview, volume, slices, mem in rows:
         print(f"| {name:<34} | {preview:>19.3f} | {volume:>14.1f} | {slices:>6d} | {mem:>14.2f} |")
     print()
-    print(f"threshold slider (remask of the whole volume): {ours['remask_ms']:.1f} ms (median of 20)")
+    print(f"one-slice preview with the volume already prepared (the widget's later previews): "
+          f"{ours['preview_cached_s']:.3f} s")
+    print(f"threshold slider (remask of the whole volume, napari order, components filtered): "
+          f"{ours['remask_ms']:.1f} ms median, {ours['remask_max_ms']:.1f} ms worst of 20 thresholds")
     print(f"outputs agree: {'yes' if agree else 'NO'} (healthy slices, normalised units: mean |diff| "
           f"{ours['mean_abs']:.4f} <= {MEAN_ABS_TOLERANCE}, 99th pct {ours['p99_abs']:.4f} <= {P99_ABS_TOLERANCE})")
     print(f"the reference code's own settings ({REFERENCE_CODE_STEPS}+{REFERENCE_CODE_STEPS} steps, "

@@ -16,6 +16,7 @@ from conftest import make_checkpoint, tiny_spec
 
 from napari_whatishealthy import cli
 from napari_whatishealthy.core import registry
+from napari_whatishealthy.core.errors import WhatIsHealthyError
 from napari_whatishealthy.core.model import load_checkpoint
 
 OUTPUT_SUFFIXES = ("_healthy.nii.gz", "_difference.nii.gz", "_mask.nii.gz", "_provenance.json")
@@ -141,14 +142,17 @@ def test_localize_unnamed_single_file_with_modality(capsys, case_dirs, tmp_path)
     assert_one_line_error(rc, err, "localize", "modality")
     rc, _, err = run(capsys, "localize", scan, "--out", tmp_path / "o1", "--model", four_channel,
                      "--modality", "flair")
-    assert_one_line_error(rc, err, "localize", "missing modality t1")
+    assert_one_line_error(rc, err, "localize", "(missing t1, t1ce, t2)")
     assert not (tmp_path / "o1").exists()
-    for extra in ([], ["--modality", "FLAIR"]):
-        out = tmp_path / f"o{len(extra)}"
-        rc, _, err = run(capsys, "localize", scan, "--out", out, "--model", one_channel,
-                         "--no-progress", *extra)
-        assert rc == 0, err
-        assert (out / "scan_mask.nii.gz").exists()
+    # Even a one-channel model does not guess the modality of an unnamed file.
+    rc, _, err = run(capsys, "localize", scan, "--out", tmp_path / "o1", "--model", one_channel)
+    assert_one_line_error(rc, err, "localize", "--modality flair")
+    out = tmp_path / "o2"
+    rc, stdout, err = run(capsys, "localize", scan, "--out", out, "--model", one_channel,
+                          "--no-progress", "--modality", "FLAIR")
+    assert rc == 0, err
+    assert (out / "scan_mask.nii.gz").exists()
+    assert "by model tiny-test (chosen by you)" in stdout
 
 
 @pytest.mark.parametrize(
@@ -269,6 +273,40 @@ def test_evaluate_with_a_calibration_set(capsys, tiny_checkpoint, synthetic_case
     assert_one_line_error(rc, err, "evaluate", "calibration set is the evaluated set")
     rc, _, err = run(capsys, "evaluate", tmp_path / "nowhere", "--model", tiny_checkpoint)
     assert_one_line_error(rc, err, "evaluate", "no such folder")
+
+
+def test_evaluate_every_kth_slice_scores_the_same_voxels(capsys, tiny_checkpoint, case_dirs,
+                                                         synthetic_cases, tmp_path):
+    from napari_whatishealthy.core.evaluate import score_case
+    from napari_whatishealthy.core.pipeline import LocalizeSettings, prepare_input
+    from napari_whatishealthy.core.registry import load_model_cached
+    from napari_whatishealthy.core.volume import load_volume
+
+    model, spec, _ = load_model_cached(tiny_checkpoint, "cpu")
+    volume = load_volume(case_dirs[0])
+    settings = LocalizeSettings.from_spec(spec, device="cpu")
+    every = score_case(volume, model, spec, settings)
+    half = score_case(volume, model, spec, settings, z_stride=2)
+    kept = prepare_input(volume.select(spec.modalities).data, spec).slice_index[::2]
+    brain_z = np.zeros(volume.shape, bool)
+    brain_z[..., kept] = True
+    full_brain = np.zeros(volume.shape, bool)
+    full_brain[every.box] = every.brain
+    assert half.brain.sum() == (full_brain & brain_z).sum() < every.brain.sum()
+    # The same voxels get the same scores (each slice's counterfactual is independent).
+    in_half = brain_z[every.box][every.brain]
+    np.testing.assert_allclose(half.scores["counterfactual"], every.scores["counterfactual"][in_half],
+                               atol=1e-4)
+    with pytest.raises(WhatIsHealthyError, match="stride"):
+        score_case(volume, model, spec, settings, z_stride=0)
+    report_path = tmp_path / "r.json"
+    rc, _, err = run(capsys, "evaluate", synthetic_cases, "--model", tiny_checkpoint, "--cases", 2,
+                     "--z-stride", 3, "--json", report_path, "--no-progress")
+    assert rc == 0, err
+    assert json.loads(report_path.read_text())["z_stride"] == 3
+    rc, _, err = run(capsys, "evaluate", synthetic_cases, "--model", tiny_checkpoint,
+                     "--z-stride", 0)
+    assert_one_line_error(rc, err, "evaluate", "--z-stride must be at least 1")
 
 
 # --------------------------------------------------------------------------------------------

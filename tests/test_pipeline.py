@@ -193,6 +193,55 @@ def test_z_slices_restrict_the_work(monkeypatch):
         localize(None, spec, data, settings, z_slices=[6])
 
 
+def test_a_prepared_volume_is_reused_and_checked(tiny_checkpoint, case_dirs):
+    model, spec, _ = load_model_cached(tiny_checkpoint, "cpu")
+    data = load_volume(case_dirs[0]).select(spec.modalities).data
+    prepared = pipeline.prepare_input(data, spec)
+    assert prepared._slices is None  # nothing sliced until a run needs it
+    fresh = localize(model, spec, data, z_slices=[12])
+    again = localize(model, spec, data, z_slices=[12], prepared=prepared)
+    np.testing.assert_allclose(again.difference, fresh.difference, atol=1e-6)
+    np.testing.assert_array_equal(again.mask, fresh.mask)
+    # A one-slice preview made only that slice; the whole volume is sliced on the full run.
+    assert prepared._slices is None
+    full = localize(model, spec, data, prepared=prepared)
+    assert prepared._slices is not None and len(prepared._slices) == len(full.processed_slices)
+    # The preview equals the full run on its slice (up to the batch's float rounding) ...
+    np.testing.assert_allclose(fresh.difference[..., 12], full.difference[..., 12], atol=1e-4)
+    # ... and leaves every other slice exactly as the input.
+    others = np.delete(np.arange(data.shape[3]), 12)
+    assert np.array_equal(fresh.healthy[..., others], data[..., others])
+    with pytest.raises(WhatIsHealthyError, match="another array"):
+        localize(model, spec, data.copy(), prepared=prepared)
+    with pytest.raises(WhatIsHealthyError, match="does not belong"):
+        localize(model, spec, data[..., :-1].copy(), prepared=prepared)
+
+
+def test_remask_in_napari_order_equals_the_transposed_mask(monkeypatch):
+    spec = tiny_spec()
+    data = _box_volume()
+
+    def change(healthy):
+        healthy[:, :, 5:9, 5:10] -= 0.5  # volume x 5..8, y 7..11: inside the brain
+        healthy[:, :, 10, 10] -= 0.9  # one voxel per slice, a column of 4: under 5 voxels
+        return healthy
+
+    fake, _ = _fake_counterfactual(change)
+    monkeypatch.setattr(pipeline, "iter_counterfactual", fake)
+    result = localize(None, spec, data, LocalizeSettings.from_spec(
+        spec, median_size=1, min_component_voxels=5, threshold=0.2))
+    for threshold in (0.1, 0.3, 0.6):
+        xyz = remask(result, threshold)
+        zyx = remask(result, threshold, order="zyx")
+        assert zyx.flags.c_contiguous and zyx.shape == xyz.shape[::-1]
+        assert np.array_equal(zyx, xyz.transpose(2, 1, 0))
+    assert remask(result, 0.3).sum() == 4 * 20  # the 4 x 5 patch on each of the 4 brain slices
+    assert remask(result, 0.3, min_component_voxels=0).sum() == 4 * 20 + 4
+    assert remask(result, 0.95).sum() == 0
+    with pytest.raises(WhatIsHealthyError, match="order"):
+        remask(result, 0.3, order="xzy")
+
+
 def test_otsu_threshold_is_per_volume(monkeypatch):
     spec = tiny_spec()
     data = _box_volume()

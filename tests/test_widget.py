@@ -331,6 +331,105 @@ def test_second_run_updates_layers_in_place(make_napari_viewer, qtbot, lesion_ca
     assert widget.stale_label.isHidden()
 
 
+def test_later_runs_reuse_the_prepared_inputs(make_napari_viewer, qtbot, lesion_case,
+                                              tiny_checkpoint, monkeypatch):
+    calls = []
+    original = pipeline.prepare_input
+
+    def counting(data, spec):
+        calls.append(data.shape)
+        return original(data, spec)
+
+    monkeypatch.setattr(pipeline, "prepare_input", counting)
+    viewer, widget = _setup(make_napari_viewer, lesion_case, tiny_checkpoint)
+    _run(qtbot, widget)
+    widget.guidance.setValue(6.0)
+    widget.scope_combo.setCurrentText(SCOPE_SLICE)
+    _run(qtbot, widget)
+    assert len(calls) == 1  # stacked and prepared once for both runs
+    # New data in an input layer is a new volume: prepared again.
+    viewer.layers["t2"].data = viewer.layers["t2"].data * 2.0
+    _run(qtbot, widget)
+    assert len(calls) == 2
+    # Removing a layer drops the cache (a BraTS volume is 144 MB).
+    viewer.layers.remove("seg")
+    assert widget._input_cache._data is None
+    widget.scope_combo.setCurrentText(SCOPE_VOLUME)
+
+
+@pytest.fixture
+def bundled_pair(tmp_path_factory, tiny_checkpoint, monkeypatch):
+    """Bundled models replaced by the tiny four-channel model as 'default' and a tiny
+    one-channel FLAIR model as 'flair'."""
+    import shutil
+
+    from napari_whatishealthy.core import registry
+    from napari_whatishealthy.core.model import ModelSpec, NetworkSpec, build_model, save_checkpoint
+
+    root = tmp_path_factory.mktemp("bundled") / "models"
+    shutil.copytree(tiny_checkpoint, root / "default")
+    spec = ModelSpec(
+        image_size=16, name="tiny-flair", modalities=("flair",),
+        network=NetworkSpec(channels=(8, 16), attention_levels=(False, True), norm_num_groups=8,
+                            num_head_channels=8, label_embedding_dim=8),
+    )
+    spec.inference.steps = 2
+    save_checkpoint(build_model(spec), root / "flair")
+    monkeypatch.setattr(registry, "MODELS_DIR", root)
+    registry.clear_model_cache()
+    yield root
+    registry.clear_model_cache()
+
+
+def test_automatic_model_follows_the_open_images(make_napari_viewer, qtbot, lesion_case,
+                                                 bundled_pair):
+    import nibabel as nib_
+
+    viewer = make_napari_viewer()
+    widget = LocalizeWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Lesion localization", area="right")
+    assert widget.is_auto_model and widget._spec.name == "tiny-widget-test"  # default, no images
+    # One image whose name says nothing: the widget asks, and picks no model until answered.
+    flair = nib_.load(next(lesion_case.glob("*_flair.nii.gz")))
+    viewer.add_image(np.asarray(flair.dataobj, dtype=np.float32).T, name="scan")
+    assert widget.modality_combo.isVisibleTo(widget)
+    assert "scan" in widget.modality_label.text()
+    assert widget._spec is None and not widget.run_button.isEnabled()
+    assert "no modality in its name" in widget.model_info.text()
+    widget.modality_combo.setCurrentText("flair")
+    assert widget._spec.name == "tiny-flair" and "automatic" in widget.model_info.text()
+    assert list(widget._modality_combos) == ["flair"]
+    assert widget._modality_combos["flair"].currentText() == "scan"
+    assert widget.run_button.isEnabled()
+    _run(qtbot, widget)
+    assert viewer.layers["scan mask"].data.shape == viewer.layers["scan"].data.shape
+    # Opening a whole BraTS case: the four-channel model takes over, the question goes away.
+    viewer.open(str(lesion_case), plugin=PLUGIN)
+    assert widget._spec.name == "tiny-widget-test"
+    assert not widget.modality_combo.isVisibleTo(widget)
+    assert {m: c.currentText() for m, c in widget._modality_combos.items()} == {
+        "flair": "flair", "t1": "t1", "t1ce": "t1ce", "t2": "t2"}
+    # The user can still override: choosing a model by name is not automatic.
+    widget.set_model(str(bundled_pair / "flair"))
+    assert not widget.is_auto_model and widget._spec.name == "tiny-flair"
+
+
+def test_automatic_model_input_without_qt():
+    from napari_whatishealthy._widget_state import AUTO, LayerInfo, auto_model_input
+    from napari_whatishealthy.core.model_choice import AUTO as CORE_AUTO
+
+    assert AUTO == CORE_AUTO
+    named = [LayerInfo("case_t2", {}, (4, 4, 4)), LayerInfo("x", {"modality": "flair"}, (4, 4, 4)),
+             LayerInfo("x mask", {"role": "mask"}, (4, 4, 4))]
+    assert auto_model_input(named, None).available == ("t2", "flair")
+    assert auto_model_input(named, "t1").available == ("t2", "flair")  # names win over answers
+    unnamed = [LayerInfo("scan", {}, (4, 4, 4))]
+    assert auto_model_input(unnamed, None).ask_about == "scan"
+    assert auto_model_input(unnamed, None).available == ()
+    assert auto_model_input(unnamed, "t2").available == ("t2",)
+    assert auto_model_input([], None) == auto_model_input([], "flair")  # nothing open: nothing
+
+
 def test_current_slice_scope(make_napari_viewer, qtbot, lesion_case, tiny_checkpoint,
                              count_runs):
     viewer, widget = _setup(make_napari_viewer, lesion_case, tiny_checkpoint)

@@ -38,12 +38,15 @@ from superqt import QLabeledDoubleSlider
 
 from ._layers import default_mask_path, from_napari, source_metadata
 from ._widget_state import (
+    AUTO,
+    InputCache,
     JobFailed,
     JobRequest,
     LayerInfo,
     MaskParams,
     ResultSession,
     StatusMessage,
+    auto_model_input,
     format_metric,
     is_result_layer,
     localize_job,
@@ -53,6 +56,7 @@ from ._widget_state import (
 )
 from ._writer import save_layer
 from .core.errors import WhatIsHealthyError
+from .core.volume import MODALITIES
 
 if TYPE_CHECKING:
     import napari
@@ -71,8 +75,12 @@ ORIENTATIONS = {
 }
 
 TIPS = {
-    "model": "The diffusion model: a bundled one, or a checkpoint folder (spec.json + "
-    "model.safetensors, as `whatishealthy train` writes) chosen with Browse.",
+    "model": "The diffusion model. Automatic picks the bundled model that the open images "
+    "fit (four BraTS modalities: the four-channel model; a lone FLAIR: the FLAIR model); or "
+    "choose a bundled one, or a checkpoint folder (spec.json + model.safetensors, as "
+    "`whatishealthy train` writes) with Browse.",
+    "modality": "The modality of the open image, whose name does not say it: the automatic "
+    "model choice needs it and never guesses.",
     "guidance": "Classifier-free guidance scale w: how strongly decoding is pushed toward "
     "'healthy'. Higher removes more of a lesion but may also change healthy tissue; "
     "0 decodes without the label (a plain reconstruction). Not used while a classifier is "
@@ -134,6 +142,7 @@ class LocalizeWidget(QWidget):
         self._stale = False
         self._mask_layer = None
         self._modality_combos: dict[str, QComboBox] = {}
+        self._input_cache = InputCache()  # the stacked, prepared inputs of the last run
         self.run_count = 0
         self.last_error: str | None = None
         self._build_ui()
@@ -143,6 +152,8 @@ class LocalizeWidget(QWidget):
 
         self.viewer.layers.events.inserted.connect(self._on_layers_changed)
         self.viewer.layers.events.removed.connect(self._on_layers_changed)
+        # A removed input layer must not stay alive in the cache (a BraTS volume is 144 MB).
+        self.viewer.layers.events.removed.connect(self._input_cache.clear)
         self.viewer.layers.events.moved.connect(self._on_layers_changed)
         for layer in self.viewer.layers:
             layer.events.name.connect(self._on_layers_changed)
@@ -182,6 +193,13 @@ class LocalizeWidget(QWidget):
         self.ground_truth_combo.setToolTip(TIPS["ground_truth"])
         self.ground_truth_combo.currentIndexChanged.connect(self._update_metrics)
         self.inputs_form.addRow("Ground truth", self.ground_truth_combo)
+        self.modality_combo = QComboBox()  # asked only for an image whose name has no modality
+        self.modality_combo.addItems(["", *MODALITIES])
+        self.modality_combo.setToolTip(TIPS["modality"])
+        self.modality_combo.currentIndexChanged.connect(self._on_modality_answered)
+        self.modality_label = QLabel("Modality")
+        self.inputs_form.addRow(self.modality_label, self.modality_combo)
+        self._set_modality_question(None)
         root.addWidget(self.inputs_box)
 
         # Settings -------------------------------------------------------------------------------
@@ -337,7 +355,10 @@ class LocalizeWidget(QWidget):
 
         self.model_combo.blockSignals(True)
         self.model_combo.clear()
-        for name, path in bundled_models().items():
+        bundled = bundled_models()
+        if bundled:
+            self.model_combo.addItem("Automatic (by the open images)", AUTO)
+        for name, path in bundled.items():
             self.model_combo.addItem(f"{name} (bundled)", str(path))
         self.model_combo.blockSignals(False)
         if self.model_combo.count():
@@ -354,8 +375,9 @@ class LocalizeWidget(QWidget):
             self.set_model(folder)
 
     def set_model(self, path: str | Path) -> None:
-        """Select a checkpoint folder (added to the list if new)."""
-        text = str(Path(path).expanduser())
+        """Select a checkpoint folder (added to the list if new), a bundled model's folder, or
+        ``"auto"``."""
+        text = str(path) if str(path) == AUTO else str(Path(path).expanduser())
         index = self.model_combo.findData(text)
         if index < 0:
             self.model_combo.addItem(text, text)
@@ -365,11 +387,24 @@ class LocalizeWidget(QWidget):
         else:
             self.model_combo.setCurrentIndex(index)
 
+    @property
+    def is_auto_model(self) -> bool:
+        return self.model_combo.currentData() == AUTO
+
     def _on_model_changed(self, *_: Any) -> None:
+        ref = self.model_combo.currentData()
+        if ref == AUTO:
+            self._choose_auto_model(force=True)
+        else:
+            self._set_modality_question(None)
+            self._use_model(ref, None)
+        self._update_run_enabled()
+
+    def _use_model(self, ref: str | None, reason: str | None) -> None:
+        """Load the spec of checkpoint ``ref`` (None: no model) and rebuild what depends on it."""
         from .core.model import load_spec
         from .core.registry import resolve_model
 
-        ref = self.model_combo.currentData()
         self._spec = None
         self._model_ref = None
         if ref:
@@ -381,16 +416,80 @@ class LocalizeWidget(QWidget):
             else:
                 self._spec = spec
                 self._model_ref = str(folder)
-                self.model_info.setText(
-                    f"{spec.name}: {spec.image_size}×{spec.image_size} slices, "
-                    f"channels {', '.join(spec.modalities)}"
-                    + (f"<br><i>{spec.description}</i>" if spec.description else "")
-                )
+                self.model_info.setText(self._model_info_with(reason))
                 self.reset_defaults()
         self._rebuild_modality_rows()
         self._update_classifier_info()
         self._mark_stale()
-        self._update_run_enabled()
+
+    def _choose_auto_model(self, force: bool = False) -> None:
+        """Automatic model: the bundled model the open images fit (see core.model_choice)."""
+        from .core.errors import InputError
+        from .core.model_choice import choose_model
+        from .core.registry import DEFAULT_MODEL, resolve_model
+
+        infos = [LayerInfo(layer.name, dict(layer.metadata), tuple(layer.data.shape))
+                 for layer in self._image_layers()]
+        wanted = auto_model_input(infos, self.modality_combo.currentText() or None)
+        self._set_modality_question(wanted.ask_about or self._modality_asked_for(infos))
+        reason: str | None
+        if wanted.ask_about is not None:
+            folder, reason = None, (
+                f"<span style='color:#e0a030'>The image '{wanted.ask_about}' has no modality in "
+                "its name: choose its Modality under Inputs to pick a model.</span>")
+        elif not wanted.available:
+            folder = str(resolve_model(DEFAULT_MODEL))
+            reason = "Automatic: the default model until images are opened."
+        else:
+            try:
+                choice = choose_model(wanted.available)
+            except InputError as exc:
+                folder, reason = None, f"<span style='color:#e05050'>{exc}</span>"
+            else:
+                folder, reason = str(choice.folder), f"Model {choice.reason}."
+        if folder is None:
+            if force or self._spec is not None:
+                self._use_model(None, None)
+            self.model_info.setText(reason)
+            return
+        if force or folder != self._model_ref:
+            self._use_model(folder, reason)
+        else:
+            self.model_info.setText(self._model_info_with(reason))
+
+    def _model_info_with(self, reason: str | None) -> str:
+        spec = self._spec
+        if spec is None:
+            return reason or ""
+        return ((f"{reason}<br>" if reason else "")
+                + f"{spec.name}: {spec.image_size}×{spec.image_size} slices, "
+                f"channels {', '.join(spec.modalities)}"
+                + (f"<br><i>{spec.description}</i>" if spec.description else ""))
+
+    def _modality_asked_for(self, infos: list[LayerInfo]) -> str | None:
+        """Keep the Modality question showing once answered, while its image is still the only
+        kind of input (so that the answer can be changed)."""
+        if self.modality_combo.currentText() and infos and not any(
+            auto_model_input([info], None).available for info in infos
+        ):
+            return infos[0].name
+        return None
+
+    def _set_modality_question(self, layer_name: str | None) -> None:
+        visible = layer_name is not None
+        self.modality_label.setVisible(visible)
+        self.modality_combo.setVisible(visible)
+        if visible:
+            self.modality_label.setText(f"Modality of '{layer_name}'")
+        elif self.modality_combo.currentText():
+            self.modality_combo.blockSignals(True)
+            self.modality_combo.setCurrentIndex(0)
+            self.modality_combo.blockSignals(False)
+
+    def _on_modality_answered(self, *_: Any) -> None:
+        if self.is_auto_model:
+            self._choose_auto_model()
+            self._update_run_enabled()
 
     def reset_defaults(self) -> None:
         """Guidance, noise level, steps (and min component size) from the model's spec; the
@@ -524,6 +623,8 @@ class LocalizeWidget(QWidget):
         try:
             if event is not None and getattr(event, "type", "") == "inserted":
                 event.value.events.name.connect(self._on_layers_changed)
+            if self.is_auto_model:  # the open images decide the model: it may change
+                self._choose_auto_model()
             self._refresh_layer_choices()
         except RuntimeError:  # the widget was deleted while the viewer lives on
             pass
@@ -637,8 +738,11 @@ class LocalizeWidget(QWidget):
                     f"layer '{layer.name}' ({m}) is not on the grid of '{reference.name}' "
                     "(different scale or position): the modalities must be co-registered"
                 )
-        data = np.stack(
-            [from_napari(layers[m].data).astype(np.float32) for m in self._spec.modalities]
+        data = self._input_cache.data(
+            [layers[m].data for m in self._spec.modalities],
+            lambda: np.stack(
+                [from_napari(layers[m].data).astype(np.float32) for m in self._spec.modalities]
+            ),
         )
         z_slices = None
         if self.scope_combo.currentText() == SCOPE_SLICE:
@@ -663,7 +767,7 @@ class LocalizeWidget(QWidget):
         request = JobRequest(
             model=self._model_ref, device=self.device_combo.currentText(), data=data,
             overrides=overrides, z_slices=z_slices, inputs=inputs,
-            classifier=self._classifier_ref,
+            classifier=self._classifier_ref, cache=self._input_cache,
         )
         context = {
             "source_name": reference.name,

@@ -242,8 +242,10 @@ def _run_train_classifier(args: argparse.Namespace) -> int:
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and inference (defaults: the model's recommended settings)")
-    g.add_argument("--model", default="default",
-                   help="bundled model name or checkpoint folder (default: the bundled default)")
+    g.add_argument("--model", default="auto",
+                   help="auto (default: the bundled model the input's modalities fit: four "
+                        "BraTS modalities -> 'default', a lone FLAIR -> 'flair'), a bundled "
+                        "model name, or a checkpoint folder")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance w")
     g.add_argument("--method", choices=["implicit", "classifier"], default=None,
                    help="guidance: implicit (classifier-free, the default) or classifier "
@@ -265,18 +267,14 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                    help="drop mask components smaller than this many voxels")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="slices per network batch (default 64)")
+                   help="slices per network batch (default: 24 on a CPU, 256 on a GPU)")
     g.add_argument("--amp", choices=["auto", "on", "off", "bf16", "fp16"], default="auto",
                    help="autocast for the network (default auto: bf16 on CPU and CUDA)")
     g.add_argument("--seed", type=int, default=0, help="torch seed (recorded in provenance)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _load_model(args: argparse.Namespace):
-    """(model, spec, sha256, folder, settings) from the shared inference options."""
-    from .core.pipeline import LocalizeSettings
-    from .core.registry import load_model_cached, resolve_model
-
+def _check_method(args: argparse.Namespace) -> str:
     method = args.method or ("classifier" if args.classifier is not None else "implicit")
     if method == "classifier" and args.classifier is None:
         raise WhatIsHealthyError("--method classifier needs --classifier PATH (a classifier "
@@ -288,7 +286,22 @@ def _load_model(args: argparse.Namespace):
     if method == "classifier" and args.guidance is not None:
         raise WhatIsHealthyError("--guidance is the classifier-free weight; with --method "
                                  "classifier use --classifier-scale")
-    folder = resolve_model(args.model)
+    return method
+
+
+def _load_model(args: argparse.Namespace, folder: Path | None = None):
+    """(model, spec, sha256, folder, settings) from the shared inference options.
+
+    ``folder``: the checkpoint chosen for the input (:func:`_choose_for_case`); None: the model
+    as named (``auto``: the bundled default).
+    """
+    from .core.model_choice import AUTO
+    from .core.pipeline import LocalizeSettings
+    from .core.registry import DEFAULT_MODEL, load_model_cached, resolve_model
+
+    method = _check_method(args)
+    if folder is None:
+        folder = resolve_model(DEFAULT_MODEL if args.model == AUTO else args.model)
     model, spec, digest = load_model_cached(folder, args.device)
     amp = {"on": True, "off": False}.get(args.amp, args.amp)
     settings = LocalizeSettings.from_spec(
@@ -444,19 +457,39 @@ def _collect_cases(inputs: Sequence[str], modality: str | None) -> list[_Case]:
     return cases
 
 
+def _case_modalities(case: _Case) -> tuple[str, ...]:
+    """The modalities a case provides, from its file names (or --modality), without reading
+    the images; ``("image",)`` for a lone file whose modality is unknown."""
+    from .core.model_choice import UNKNOWN_MODALITY
+    from .core.volume import find_case_files, modality_from_name
+
+    if case.folder is not None:
+        return tuple(m for m in find_case_files(case.folder) if m != "seg")
+    found: list[str] = []
+    for path in case.paths:
+        given = case.modalities.get(str(path))
+        if given:
+            found.extend(m.strip() for m in given.split(","))
+        else:
+            found.append(modality_from_name(path) or UNKNOWN_MODALITY)
+    return tuple(dict.fromkeys(m for m in found if m != "seg"))
+
+
+def _choose_for_case(case: _Case, requested: str):
+    """The model choice for one case; errors name the case's files."""
+    from .core.model_choice import choose_model
+
+    try:
+        return choose_model(_case_modalities(case), requested)
+    except InputError as exc:
+        where = case.folder or case.paths[0]
+        raise InputError(f"{where}: {exc}") from None
+
+
 def _load_case(case: _Case, spec):
     from .core.volume import load_volume
 
     volume = load_volume(case.paths, modalities=case.modalities, name=case.name)
-    if volume.modalities == ("image",):
-        if spec.in_channels == 1:
-            volume.modalities = tuple(spec.modalities)
-        else:
-            raise InputError(
-                f"{case.paths[0]}: the modality is not in the file name and the model needs "
-                f"{', '.join(spec.modalities)}; name the files <case>_flair.nii.gz, ... or pass "
-                "--modality for a single-channel model"
-            )
     return volume.select(spec.modalities)
 
 
@@ -491,10 +524,10 @@ def _run_localize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: --out must be a folder")
-    model, spec, digest, folder, settings = _load_model(args)
-    guide = _load_classifier(args, spec, settings)
-    # Refuse every impossible output before minutes of work.
-    for case in cases:
+    _check_method(args)
+    # Each case's model, and every impossible output, before minutes of work.
+    choices = [_choose_for_case(case, args.model) for case in cases]
+    for case, choice in zip(cases, choices, strict=True):
         parents = {p.resolve().parent for p in case.paths}
         if out.resolve() in parents:
             raise InputError(
@@ -502,9 +535,11 @@ def _run_localize(args: argparse.Namespace) -> int:
                 "folder (outputs such as <case>_mask.nii.gz next to the inputs would be read "
                 "back as part of the case)"
             )
-        paths = output_paths(out, case.name, spec.modalities, args.all_channels)
+        paths = output_paths(out, case.name, choice.spec.modalities, args.all_channels)
         check_outputs(paths, case.paths, args.overwrite)
-    for i, case in enumerate(cases):
+    for i, (case, choice) in enumerate(zip(cases, choices, strict=True)):
+        model, spec, digest, folder, settings = _load_model(args, choice.folder)
+        guide = _load_classifier(args, spec, settings)
         volume = _load_case(case, spec)
         gen = iter_localize(model, spec, volume.data, settings, model_path=folder,
                             model_hash=digest, inputs=volume.source_paths,
@@ -522,7 +557,8 @@ def _run_localize(args: argparse.Namespace) -> int:
         for warning in result.warnings:
             print(f"{case.name}: warning: {warning}", file=sys.stderr)
         print(f"{case.name}: {flagged} voxels ({flagged * voxel_ml:.2f} ml) flagged at threshold "
-              f"{result.threshold_used:.4g}; wrote {paths['mask'].parent}/{case.name}_*")
+              f"{result.threshold_used:.4g} by model {choice.reason}; wrote "
+              f"{paths['mask'].parent}/{case.name}_*")
     return 0
 
 
@@ -541,16 +577,37 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cases", type=int, default=None, help="evaluate only the first N cases")
     p.add_argument("--calibration-cases", type=int, default=None,
                    help="use only the first N calibration cases")
+    p.add_argument("--z-stride", type=int, default=1,
+                   help="run and score every k-th brain slice only (k times faster; default 1: "
+                        "all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     _add_inference_options(p)
     p.set_defaults(func=_run_evaluate)
+
+
+def _choose_for_data(args: argparse.Namespace) -> Path:
+    """The model for ``evaluate``: one that every case's modalities fit."""
+    from .core.data import discover_cases
+    from .core.model_choice import choose_model
+    from .core.volume import find_case_files
+
+    folders = discover_cases(args.data)
+    if args.cases is not None:
+        folders = folders[: args.cases]
+    common: list[str] | None = None
+    for folder in folders:
+        have = [m for m in find_case_files(folder) if m != "seg"]
+        common = have if common is None else [m for m in common if m in have]
+    choice = choose_model(common or (), args.model)
+    print(f"model {choice.reason}", flush=True)
+    return choice.folder
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .core.evaluate import evaluate, format_report
     from .core.provenance import write_json_atomic
 
-    for name in ("cases", "calibration_cases"):
+    for name in ("cases", "calibration_cases", "z_stride"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise WhatIsHealthyError(f"--{name.replace('_', '-')} must be at least 1")
@@ -561,7 +618,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                              "name")
         if json_path.is_dir():
             raise InputError(f"{json_path}: is a folder; --json takes a file name")
-    model, spec, digest, folder, settings = _load_model(args)
+    model, spec, digest, folder, settings = _load_model(args, _choose_for_data(args))
     guide = _load_classifier(args, spec, settings)
     classifier_info = None
     if guide.classifier is not None:
@@ -583,6 +640,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             model_info={"name": spec.name, "path": str(folder), "sha256": digest},
             on_case=on_case, on_step=bar,
             classifier=guide.classifier, classifier_info=classifier_info,
+            z_stride=args.z_stride,
         )
     finally:
         bar.close()
@@ -646,9 +704,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .core.registry import resolve_model
+    from .core.model_choice import AUTO
+    from .core.registry import DEFAULT_MODEL, resolve_model
 
-    resolve_model(args.model)  # a missing bundled model is reported before anything else
+    # A missing bundled model is reported before anything else; the sample has all four
+    # modalities, so "auto" is the four-channel default.
+    resolve_model(DEFAULT_MODEL if args.model == AUTO else args.model)
     if not args.headless and (args.classifier is not None or args.method == "classifier"):
         raise WhatIsHealthyError("classifier guidance in the demo needs --headless (the window "
                                  "uses the widget's settings)")

@@ -78,14 +78,17 @@ __all__ = [
     "METHODS",
     "Progress",
     "autocast_dtype",
+    "chunk_bounds",
     "counterfactual",
     "decode",
+    "default_batch_size",
     "drain",
     "dynamic_normalise",
     "invert",
     "is_out_of_memory",
     "iter_counterfactual",
     "timestep_plan",
+    "use_channels_last",
 ]
 
 
@@ -107,8 +110,9 @@ class CounterfactualSettings:
     autocast (fp16 on MPS), ``False`` turns it off, ``"bf16"``/``"fp16"`` pick the type.
     ``inversion_refinements``: fixed-point iterations per inversion step (0 = plain DDIM, the
     paper's method; 2-5 make the inversion round trip near exact at that many extra calls).
-    ``batch_size``: slices per chunk (decoding feeds the network twice that); when a chunk runs
-    out of memory it is redone with half as many, down to one slice (see :func:`iter_counterfactual`).
+    ``batch_size``: slices per chunk (decoding feeds the network twice that); None picks
+    :func:`default_batch_size` for the device. When a chunk runs out of memory it is redone with
+    half as many, down to one slice (see :func:`iter_counterfactual`).
     ``method``: ``"implicit"`` (classifier-free guidance with weight ``guidance``, the paper's
     method) or ``"classifier"`` (classifier guidance: ``classifier`` is a noisy-image classifier,
     :class:`~.classifier.NoisyClassifier` or any ``classifier(x, t) -> logits``, and
@@ -121,7 +125,7 @@ class CounterfactualSettings:
     steps: int = 10
     dynamic_normalisation: bool = True
     target_label: int = HEALTHY
-    batch_size: int = 64
+    batch_size: int | None = None
     device: str = "auto"
     amp: AmpSetting = "auto"
     inversion_refinements: int = 0
@@ -158,8 +162,11 @@ class CounterfactualSettings:
         if not math.isfinite(float(self.guidance)):
             raise WhatIsHealthyError(f"guidance must be a finite number, got {self.guidance!r}")
         _check_noise_and_steps(self.noise_level, self.steps)
-        if not _is_int(self.batch_size) or self.batch_size < 1:
-            raise WhatIsHealthyError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
+            raise WhatIsHealthyError(
+                f"batch_size must be an integer >= 1 (or None: the device's default), got "
+                f"{self.batch_size!r}"
+            )
         if not _is_int(self.inversion_refinements) or self.inversion_refinements < 0:
             raise WhatIsHealthyError(
                 f"inversion_refinements must be an integer >= 0, got {self.inversion_refinements!r}"
@@ -231,6 +238,39 @@ def timestep_plan(schedule: ScheduleSpec, noise_level: float, steps: int) -> lis
     return [int(t) for t in trained[positions]]
 
 
+#: Slices per chunk when ``batch_size`` is None. On a CPU the network is fastest per slice with
+#: 16-48 slices per call (measured on the default model with bf16 and channels-last on a 2-core
+#: AMX Xeon: 6.4-6.7 ms/slice at 16-48, 7.9 at 64, 9.3 at 96: bigger batches fall out of cache);
+#: decoding calls the network with twice the chunk. Accelerators want all slices of a volume in
+#: one or two calls.
+CPU_BATCH_SIZE = 24
+ACCELERATOR_BATCH_SIZE = 256
+
+
+def default_batch_size(device: torch.device | str) -> int:
+    """Slices per chunk on ``device`` when the settings leave it to us."""
+    return CPU_BATCH_SIZE if torch.device(device).type == "cpu" else ACCELERATOR_BATCH_SIZE
+
+
+def chunk_bounds(n: int, batch: int) -> list[tuple[int, int]]:
+    """``n`` slices in the fewest chunks of at most ``batch``, as even as possible: 145 slices at
+    24 are 7 chunks of 20-21, not 6 of 24 and one of 1 (a tiny last chunk wastes a whole
+    network call per step on one slice)."""
+    if n <= 0:
+        return []
+    count = math.ceil(n / batch)
+    edges = [round(i * n / count) for i in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def use_channels_last(model: Any) -> None:
+    """Put a 2D network's weights in channels-last layout (NHWC). oneDNN on CPUs and cuDNN's
+    tensor-core kernels are faster that way (default model, bf16, CPU: 6.7 against 11.9 ms per
+    slice at 32 slices per call); results are the same up to float rounding order."""
+    if isinstance(model, torch.nn.Module):
+        model.to(memory_format=torch.channels_last)
+
+
 def autocast_dtype(amp: AmpSetting, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype that ``amp`` means on ``device`` (None: no autocast)."""
     kind = torch.device(device).type
@@ -291,6 +331,8 @@ def _network(
     amp_dtype: torch.dtype | None,
 ) -> torch.Tensor:
     ts = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)  # matches use_channels_last
     ctx = (
         torch.autocast(device_type=x.device.type, dtype=amp_dtype)
         if amp_dtype is not None
@@ -495,7 +537,8 @@ def iter_counterfactual(
     Out of memory (``torch.OutOfMemoryError``, or a ``RuntimeError`` saying so, on any device):
     the chunk's tensors and the allocator cache are freed and the chunk is redone with half the
     batch, which then stays halved; a chunk that fails with one slice raises
-    :class:`WhatIsHealthyError` saying what to do. Results do not depend on the batch size.
+    :class:`WhatIsHealthyError` saying what to do. Results do not depend on the batch size
+    (beyond float rounding: the network's kernels are chosen per batch size).
 
     ``settings.method == "classifier"`` decodes with classifier guidance by
     ``settings.classifier``; a :class:`~.classifier.NoisyClassifier` is checked here against the
@@ -550,6 +593,7 @@ def iter_counterfactual(
     plan = timestep_plan(schedule, settings.noise_level, settings.steps)
     alphas = schedule.alphas_cumprod()
     guide = _classifier_guide(settings, spec, plan, device)
+    use_channels_last(model)
     return _iterate(model, data, settings, plan, alphas, int(null_label), device, amp_dtype,
                     guide)
 
@@ -640,7 +684,7 @@ def _iterate(
     out = np.empty_like(data)
     if n == 0:
         return out
-    batch = int(settings.batch_size)
+    batch = int(settings.batch_size or default_batch_size(device))
     first_batch = batch
     k = len(plan)
     per_chunk = k * (1 + settings.inversion_refinements) + k
@@ -664,7 +708,9 @@ def _iterate(
 
     start = 0
     while start < n:
-        stop = min(start + batch, n)
+        # Even chunks over what is left (at most ``batch`` each); after an out-of-memory halving
+        # the rest is re-split with the new batch.
+        stop = start + chunk_bounds(n - start, batch)[0][1]
         failure: str | None = None
         try:
             x0 = torch.from_numpy(data[start:stop]).to(device)

@@ -47,7 +47,7 @@ from .counterfactual import AmpSetting, CounterfactualSettings, Progress, drain,
 from .device import resolve_device
 from .errors import InputError, WhatIsHealthyError
 from .model import ModelSpec
-from .preprocess import PreparedVolume, prepare, to_volume
+from .preprocess import PreparedVolume, prepare, to_slices
 from .provenance import make_provenance, write_json_atomic
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "localize",
     "output_paths",
     "parse_threshold",
+    "prepare_input",
     "remask",
     "resolve_threshold",
     "write_outputs",
@@ -117,7 +118,7 @@ class LocalizeSettings:
     dynamic_normalisation: bool = True
     brain_only: bool = True
     device: str = "auto"
-    batch_size: int = 64
+    batch_size: int | None = None  # None: the device's default (counterfactual.default_batch_size)
     amp: AmpSetting = "auto"
     seed: int | None = 0
     method: str = "implicit"
@@ -204,10 +205,21 @@ class LocalizeResult:
     processed_slices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     recommended_threshold: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    _zyx: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.mask.shape)  # type: ignore[return-value]
+
+    def zyx(self, name: str) -> np.ndarray:
+        """``difference``, ``brain`` or ``mask`` as a C-contiguous ``[Z, Y, X]`` array (napari's
+        axis order), made once and kept: transposing a BraTS volume costs ~20 ms, as much as
+        thresholding it, so a threshold slider should not pay it on every move."""
+        if name not in ("difference", "brain", "mask"):
+            raise ValueError(f"no [Z, Y, X] copy of {name!r}")
+        if name not in self._zyx:
+            self._zyx[name] = np.ascontiguousarray(getattr(self, name).transpose(2, 1, 0))
+        return self._zyx[name]
 
 
 def resolve_threshold(
@@ -233,26 +245,40 @@ def remask(
     threshold: float | str | None = None,
     min_component_voxels: int | None = None,
     brain_only: bool = True,
+    order: str = "xyz",
 ) -> np.ndarray:
     """A new uint8 mask from ``result.difference`` (``result`` itself is not changed).
 
     ``threshold``: a number, ``"auto"``, ``"otsu"`` or None (``result.threshold_used``);
-    ``min_component_voxels`` None keeps the result's setting. Milliseconds on a BraTS volume.
+    ``min_component_voxels`` None keeps the result's setting; ``"otsu"`` is computed over the
+    brain voxels of the processed slices. ``order``: ``"xyz"`` (the result's canonical
+    ``[X, Y, Z]``) or ``"zyx"`` (napari's ``[Z, Y, X]``, computed in that layout). Milliseconds on
+    a BraTS volume.
     """
+    if order not in ("xyz", "zyx"):
+        raise WhatIsHealthyError(f"order must be 'xyz' or 'zyx', got {order!r}")
+    region = _processed_range(result.processed_slices)
     if threshold is None:
         value = result.threshold_used
     else:
         value = resolve_threshold(
-            threshold, result.difference, result.brain, result.recommended_threshold
+            threshold, result.difference[region], result.brain[region],
+            result.recommended_threshold,
         )
     if min_component_voxels is None:
         min_component_voxels = result.settings.min_component_voxels
-    return make_mask(
-        result.difference,
+    if order == "zyx":
+        difference, brain, region = result.zyx("difference"), result.zyx("brain"), region[::-1]
+    else:
+        difference, brain = result.difference, result.brain
+    mask = np.zeros(difference.shape, dtype=np.uint8)
+    mask[region] = make_mask(
+        difference[region],
         value,
-        brain_mask=result.brain if brain_only else None,
+        brain_mask=brain[region] if brain_only else None,
         min_component_voxels=int(min_component_voxels),
     )
+    return mask
 
 
 def _check_data(data: np.ndarray, spec: ModelSpec) -> np.ndarray:
@@ -268,10 +294,32 @@ def _check_data(data: np.ndarray, spec: ModelSpec) -> np.ndarray:
         raise InputError(f"a volume of shape {data.shape[1:]} is not 3D")
     if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
         raise InputError(f"unsupported data type {data.dtype}; a real-valued volume is needed")
-    data = data.astype(np.float32, copy=False)
-    if not np.isfinite(data).all():
-        raise InputError("the volume contains NaN or infinite voxels; replace them first")
-    return data
+    return data.astype(np.float32, copy=False)  # prepare() refuses NaN and infinities
+
+
+def prepare_input(data: np.ndarray, spec: ModelSpec) -> PreparedVolume:
+    """Check a ``[C, X, Y, Z]`` volume against the model and prepare its model-space slices.
+
+    The result can be given to :func:`iter_localize` / :func:`localize` as ``prepared=`` for any
+    number of runs on the same data (a GUI's previews at different settings): the brain mask,
+    the normalisation and the slicing are then done once.
+    """
+    return prepare(_check_data(data, spec), spec.image_size)
+
+
+def _matching_prepared(prepared: PreparedVolume, data: np.ndarray, spec: ModelSpec) -> None:
+    if (prepared.shape != tuple(data.shape[1:]) or prepared.size != spec.image_size
+            or prepared.channels != data.shape[0]):
+        raise WhatIsHealthyError(
+            f"the prepared volume ({prepared.channels} channel(s), {prepared.shape}, model size "
+            f"{prepared.size}) does not belong to this data ({data.shape[0]} channel(s), "
+            f"{tuple(data.shape[1:])}) and model (size {spec.image_size}); prepare it again"
+        )
+    if prepared.source is not None and prepared.source is not data:
+        raise WhatIsHealthyError(
+            "the prepared volume was made from another array than this data; prepare it again "
+            "(prepare_input) whenever the data changes"
+        )
 
 
 def _restrict(prepared: PreparedVolume, z_slices: Iterable[int] | None) -> PreparedVolume:
@@ -284,10 +332,7 @@ def _restrict(prepared: PreparedVolume, z_slices: Iterable[int] | None) -> Prepa
         raise WhatIsHealthyError(
             f"axial slice(s) {bad.tolist()} are outside the volume (0..{nz - 1})"
         )
-    keep = np.isin(prepared.slice_index, wanted)
-    return dataclasses.replace(
-        prepared, slices=prepared.slices[keep], slice_index=prepared.slice_index[keep]
-    )
+    return prepared.restrict(wanted)
 
 
 def _model_device(model: Any, fallback: str) -> torch.device:
@@ -310,6 +355,7 @@ def iter_localize(
     classifier: Any = None,
     classifier_path: str | Path | None = None,
     classifier_hash: str | None = None,
+    prepared: PreparedVolume | None = None,
 ) -> Generator[Progress, None, LocalizeResult]:
     """Localize lesions in ``data`` (``[C, X, Y, Z]`` canonical, channels in ``spec.modalities``
     order), step by step.
@@ -320,13 +366,17 @@ def iter_localize(
     left as in the input (difference 0, healthy = input). ``model_path``, ``model_hash`` and
     ``inputs`` only go into the provenance. ``classifier`` is the noisy-image classifier that
     ``settings.method == "classifier"`` needs (see :mod:`.classifier`; ignored otherwise);
-    ``classifier_path`` and ``classifier_hash`` only go into the provenance. Bad input is
+    ``classifier_path`` and ``classifier_hash`` only go into the provenance. ``prepared``:
+    :func:`prepare_input` of this same ``data`` array, to skip preparing it again. Bad input is
     refused here, at call time.
     """
     settings = settings or LocalizeSettings.from_spec(spec)
     settings.validate()
     data = _check_data(data, spec)
-    prepared = prepare(data, spec.image_size)
+    if prepared is None:
+        prepared = prepare(data, spec.image_size)
+    else:
+        _matching_prepared(prepared, data, spec)
     sub = _restrict(prepared, z_slices)
     guided_by = classifier if settings.method == "classifier" else None
     cf_settings = settings.counterfactual_settings(spec, guided_by)
@@ -382,35 +432,19 @@ def _run(
     elif sub.slice_index.size == 0:
         warnings.append("none of the requested axial slices holds brain; nothing was processed")
 
-    input_s = sub.slices
-    _, per_s = difference_maps(input_s, healthy_s, channel_axis=1)
-    per_channel = np.maximum(to_volume(sub, per_s, fill=0.0), 0.0)
-    raw = per_channel.mean(axis=0)  # = to_volume of the channel mean: the resize is linear
-    # The median is in-plane, so only processed slices need it (the others are 0): this keeps a
-    # one-slice preview from filtering the whole volume.
-    difference = np.zeros_like(raw, dtype=np.float32)
-    idx = sub.slice_index
-    if idx.size:
-        difference[..., idx] = median_smooth(raw[..., idx], settings.median_size, slice_axis=-1)
-    # Outside the brain there is only background; what the model-space resize bleeds there is
-    # not an anomaly and would show as a halo in the difference layer.
-    difference[~brain] = 0.0
-    per_channel[:, ~brain] = 0.0
-
-    delta = to_volume(sub, input_s - healthy_s, fill=0.0)  # [C, X, Y, Z], normalised units
-    delta[:, ~brain] = 0.0
-    # normalised = data / scale * 2 - 1, so a change d in normalised units is d * scale / 2.
-    healthy = data - delta * (prepared.scale.reshape(-1, 1, 1, 1) / 2.0)
-    if data.size and float(data.min()) >= 0.0:
-        np.maximum(healthy, 0.0, out=healthy)
-    healthy = healthy.astype(np.float32, copy=False)
-
+    difference, per_channel, healthy = _volume_outputs(data, prepared, sub, healthy_s,
+                                                       settings.median_size)
     recommended = float(spec.inference.threshold)
-    threshold_used = resolve_threshold(settings.threshold, difference, brain, recommended)
-    mask = make_mask(
-        difference,
+    region = _processed_range(sub.slice_index)
+    threshold_used = resolve_threshold(settings.threshold, difference[region], brain[region],
+                                       recommended)
+    mask = np.zeros(brain.shape, dtype=np.uint8)
+    # Unprocessed slices have difference 0, never above a threshold >= 0: the mask (and its
+    # components) only needs computing over the range of processed slices.
+    mask[region] = make_mask(
+        difference[region],
         threshold_used,
-        brain_mask=brain if settings.brain_only else None,
+        brain_mask=brain[region] if settings.brain_only else None,
         min_component_voxels=settings.min_component_voxels,
     )
     provenance = make_provenance(
@@ -451,6 +485,56 @@ def _run(
         recommended_threshold=recommended,
         warnings=warnings,
     )
+
+
+def _processed_range(slice_index: np.ndarray) -> tuple[slice, slice, slice]:
+    """The index of the axial range spanning the processed slices (empty when none)."""
+    if slice_index.size == 0:
+        return (slice(None), slice(None), slice(0, 0))
+    return (slice(None), slice(None), slice(int(slice_index.min()), int(slice_index.max()) + 1))
+
+
+def _volume_outputs(
+    data: np.ndarray,
+    prepared: PreparedVolume,
+    sub: PreparedVolume,
+    healthy_s: np.ndarray,
+    median_size: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(difference [X, Y, Z], per-channel difference [C, X, Y, Z], healthy [C, X, Y, Z]) on the
+    volume grid. Only the processed slices are computed; the rest are 0 (differences) and the
+    input itself (healthy), so a one-slice preview costs one slice, not a volume."""
+    brain = prepared.brain
+    idx = sub.slice_index
+    channels = data.shape[0]
+    difference = np.zeros(brain.shape, dtype=np.float32)
+    per_channel = np.zeros((channels, *brain.shape), dtype=np.float32)
+    healthy = data.copy()
+    if idx.size == 0:
+        return difference, per_channel, healthy
+    brain_idx = brain[..., idx]
+    input_s = sub.slices
+    _, per_s = difference_maps(input_s, healthy_s, channel_axis=1)
+    per_idx = np.maximum(to_slices(sub, per_s, fill=0.0), 0.0)  # [C, X, Y, n]
+    raw = per_idx.mean(axis=0)  # = to_slices of the channel mean: the resize is linear
+    # The median is in-plane; it runs before the background is zeroed, as the map is continuous.
+    smoothed = median_smooth(raw, median_size, slice_axis=-1)
+    # Outside the brain there is only background; what the model-space resize bleeds there is
+    # not an anomaly and would show as a halo in the difference layer.
+    smoothed[~brain_idx] = 0.0
+    per_idx[:, ~brain_idx] = 0.0
+    difference[..., idx] = smoothed
+    per_channel[..., idx] = per_idx
+
+    delta = to_slices(sub, input_s - healthy_s, fill=0.0)  # [C, X, Y, n], normalised units
+    delta[:, ~brain_idx] = 0.0
+    # normalised = data / scale * 2 - 1, so a change d in normalised units is d * scale / 2.
+    source = data[..., idx]
+    changed = source - delta * (prepared.scale.reshape(-1, 1, 1, 1) / 2.0)
+    if source.size and float(source.min()) >= 0.0:
+        np.maximum(changed, 0.0, out=changed)
+    healthy[..., idx] = changed
+    return difference, per_channel, healthy
 
 
 def localize(

@@ -15,7 +15,7 @@ wrong scaling) cannot overflow float32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -30,19 +30,51 @@ NORMALISED_LIMIT = 1e6
 
 @dataclass
 class PreparedVolume:
-    """Model-space slices of one volume plus what is needed to map results back."""
+    """Model-space slices of one volume plus what is needed to map results back.
 
-    slices: np.ndarray  # [N, C, S, S] float32, normalised
+    Holds a reference to the source array (no copy). The model-space slices are made when first
+    asked for, and :meth:`restrict` makes only the slices it keeps: a one-slice preview crops,
+    normalises and resizes one slice, not the whole volume. The whole normalised volume is only
+    computed on request (:attr:`normalised`).
+    """
+
     slice_index: np.ndarray  # [N] axial (z) index of each slice in the volume
     box: tuple[int, int, int, int]  # x0, y0 (may be negative), side, side
     scale: np.ndarray  # [C] the brain 99th percentile of each channel
     brain: np.ndarray  # [X, Y, Z] bool
-    normalised: np.ndarray  # [C, X, Y, Z] float32, the whole volume normalised
     size: int
+    source: np.ndarray = field(repr=False)  # [C, X, Y, Z] float32, finite
+    _slices: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.brain.shape)  # type: ignore[return-value]
+
+    @property
+    def channels(self) -> int:
+        return int(self.scale.shape[0])
+
+    @property
+    def slices(self) -> np.ndarray:
+        """``[N, C, S, S]`` float32, normalised: the model's input for ``slice_index``."""
+        if self._slices is None:
+            self._slices = _model_slices(self.source, self.brain, self.scale, self.box,
+                                         self.slice_index, self.size)
+        return self._slices
+
+    @property
+    def normalised(self) -> np.ndarray:
+        """The whole volume normalised, ``[C, X, Y, Z]`` float32 (background -1)."""
+        return normalise_with(self.source, self.brain, self.scale)
+
+    def restrict(self, z_slices: np.ndarray) -> PreparedVolume:
+        """The same volume with only the processed slices among ``z_slices`` (sorted, unique)."""
+        keep = np.isin(self.slice_index, z_slices)
+        return replace(
+            self,
+            slice_index=self.slice_index[keep],
+            _slices=None if self._slices is None else self._slices[keep],
+        )
 
 
 def brain_mask(data: np.ndarray) -> np.ndarray:
@@ -50,27 +82,43 @@ def brain_mask(data: np.ndarray) -> np.ndarray:
     return np.any(data != 0, axis=0)
 
 
-def normalise(data: np.ndarray, brain: np.ndarray, percentile: float = 99.0) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel brain percentile scaling to the method's [-1, 1] range; returns (array, scales)."""
+def brain_scales(data: np.ndarray, brain: np.ndarray, percentile: float = 99.0) -> np.ndarray:
+    """Per-channel brain percentile (the method's scale); ones where there is no brain."""
     channels = data.shape[0]
     scales = np.ones(channels, dtype=np.float32)
+    if not brain.any():
+        return scales
+    for c in range(channels):
+        values = data[c][brain].astype(np.float64)  # float32 percentiles can overflow
+        scale = float(np.percentile(values, percentile))
+        if not scale > 0:
+            scale = float(np.abs(values).max())
+        if not (scale > 0 and np.isfinite(scale)):
+            raise InputError(
+                f"channel {c} is zero everywhere inside the brain; check that the right file "
+                "was given for this modality"
+            )
+        scales[c] = scale
+    return scales
+
+
+def normalise_with(data: np.ndarray, brain: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """``[C, ...]`` data mapped with ``x / scale * 2 - 1`` inside ``brain`` (clipped to
+    +-NORMALISED_LIMIT), background -1 elsewhere; float32. Works on any crop whose ``brain``
+    matches, so that a crop and the whole volume normalise to the same values."""
     out = np.full(data.shape, BACKGROUND, dtype=np.float32)
-    if brain.any():
-        for c in range(channels):
-            values = data[c][brain].astype(np.float64)  # float32 percentiles can overflow
-            scale = float(np.percentile(values, percentile))
-            if not scale > 0:
-                scale = float(np.abs(values).max())
-            if not (scale > 0 and np.isfinite(scale)):
-                raise InputError(
-                    f"channel {c} is zero everywhere inside the brain; check that the right file "
-                    "was given for this modality"
-                )
-            scales[c] = scale
-            with np.errstate(all="ignore"):
-                values = np.clip(values / scale * 2.0 - 1.0, -NORMALISED_LIMIT, NORMALISED_LIMIT)
-            out[c][brain] = values
-    return out, scales
+    factor = (2.0 / np.asarray(scales, dtype=np.float64)).astype(np.float32)
+    with np.errstate(all="ignore"):
+        for c in range(data.shape[0]):
+            values = data[c][brain].astype(np.float32, copy=False) * factor[c] - np.float32(1.0)
+            out[c][brain] = np.clip(values, -NORMALISED_LIMIT, NORMALISED_LIMIT)
+    return out
+
+
+def normalise(data: np.ndarray, brain: np.ndarray, percentile: float = 99.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel brain percentile scaling to the method's [-1, 1] range; returns (array, scales)."""
+    scales = brain_scales(data, brain, percentile)
+    return normalise_with(data, brain, scales), scales
 
 
 def denormalise(normalised: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -103,7 +151,7 @@ def brain_slices(brain: np.ndarray, side: int, min_fraction: float = 0.02) -> np
 def _crop(volume: np.ndarray, x0: int, y0: int, side: int, fill: float) -> np.ndarray:
     """Crop ``[C, X, Y, N]`` to the box, padding with ``fill`` where the box leaves the volume."""
     c, nx, ny, n = volume.shape
-    out = np.full((c, side, side, n), fill, dtype=np.float32)
+    out = np.full((c, side, side, n), fill, dtype=volume.dtype)
     sx0, sy0 = max(x0, 0), max(y0, 0)
     sx1, sy1 = min(x0 + side, nx), min(y0 + side, ny)
     out[:, sx0 - x0 : sx1 - x0, sy0 - y0 : sy1 - y0] = volume[:, sx0:sx1, sy0:sy1]
@@ -121,7 +169,9 @@ def _resize(batch: np.ndarray, size: int) -> np.ndarray:
 
 
 def prepare(data: np.ndarray, size: int, brain: np.ndarray | None = None) -> PreparedVolume:
-    """Turn a ``[C, X, Y, Z]`` volume into normalised model-space axial slices ``[N, C, S, S]``."""
+    """Prepare a ``[C, X, Y, Z]`` volume for the model: brain mask, per-channel scales, crop box
+    and the axial slices worth processing; the normalised model-space slices ``[N, C, S, S]``
+    follow on first use of ``.slices`` (see :class:`PreparedVolume`)."""
     data = np.asarray(data)
     if data.ndim != 4 or data.shape[0] < 1 or min(data.shape[1:]) < 1:
         raise InputError(f"expected a [C, X, Y, Z] array with C >= 1, got shape {data.shape}")
@@ -141,23 +191,52 @@ def prepare(data: np.ndarray, size: int, brain: np.ndarray | None = None) -> Pre
             raise InputError(
                 f"the brain mask has shape {brain.shape}, the volume {data.shape[1:]}"
             )
-    normalised, scales = normalise(data, brain)
+    scales = brain_scales(data, brain)
     x0, y0, side = square_box(brain)
-    index = brain_slices(brain, side)
-    if index.size == 0:
-        slices = np.zeros((0, data.shape[0], size, size), dtype=np.float32)
-    else:
-        cropped = _crop(normalised[..., index], x0, y0, side, BACKGROUND)  # [C, side, side, N]
-        slices = _resize(cropped.transpose(3, 0, 1, 2), size)
     return PreparedVolume(
-        slices=slices.astype(np.float32),
-        slice_index=index,
+        slice_index=brain_slices(brain, side),
         box=(x0, y0, side, side),
         scale=scales,
         brain=brain,
-        normalised=normalised,
         size=size,
+        source=data,
     )
+
+
+def _model_slices(
+    data: np.ndarray,
+    brain: np.ndarray,
+    scales: np.ndarray,
+    box: tuple[int, int, int, int],
+    index: np.ndarray,
+    size: int,
+) -> np.ndarray:
+    """The normalised ``[N, C, size, size]`` model input of axial slices ``index``."""
+    if index.size == 0:
+        return np.zeros((0, data.shape[0], size, size), dtype=np.float32)
+    x0, y0, side, _ = box
+    # Only the cropped slices are normalised: the model never sees the rest.
+    crop_data = _crop(data[..., index], x0, y0, side, 0.0)  # [C, side, side, N]
+    crop_brain = _crop(brain[None, ..., index], x0, y0, side, False)[0]
+    cropped = normalise_with(crop_data, crop_brain, scales)
+    return _resize(cropped.transpose(3, 0, 1, 2), size).astype(np.float32, copy=False)
+
+
+def to_slices(prepared: PreparedVolume, slices: np.ndarray, fill: float = 0.0) -> np.ndarray:
+    """Model-space ``[N, C', S, S]`` -> the processed axial slices on the volume grid,
+    ``[C', X, Y, N]`` (the N slices of ``prepared.slice_index``, in that order); outside the
+    crop box: ``fill``."""
+    nx, ny, _ = prepared.shape
+    n, channels = slices.shape[0], slices.shape[1]
+    out = np.full((channels, nx, ny, n), fill, dtype=np.float32)
+    if n == 0:
+        return out
+    x0, y0, side, _ = prepared.box
+    big = _resize(slices, side).transpose(1, 2, 3, 0)  # [C', side, side, N]
+    sx0, sy0 = max(x0, 0), max(y0, 0)
+    sx1, sy1 = min(x0 + side, nx), min(y0 + side, ny)
+    out[:, sx0:sx1, sy0:sy1] = big[:, sx0 - x0 : sx1 - x0, sy0 - y0 : sy1 - y0]
+    return out
 
 
 def to_volume(prepared: PreparedVolume, slices: np.ndarray, fill: float = 0.0) -> np.ndarray:
@@ -168,13 +247,6 @@ def to_volume(prepared: PreparedVolume, slices: np.ndarray, fill: float = 0.0) -
     nx, ny, nz = prepared.shape
     channels = slices.shape[1]
     out = np.full((channels, nx, ny, nz), fill, dtype=np.float32)
-    if slices.shape[0] == 0:
-        return out
-    x0, y0, side, _ = prepared.box
-    big = _resize(slices, side).transpose(1, 2, 3, 0)  # [C', side, side, N]
-    sx0, sy0 = max(x0, 0), max(y0, 0)
-    sx1, sy1 = min(x0 + side, nx), min(y0 + side, ny)
-    out[:, sx0:sx1, sy0:sy1][..., prepared.slice_index] = big[
-        :, sx0 - x0 : sx1 - x0, sy0 - y0 : sy1 - y0
-    ]
+    if slices.shape[0]:
+        out[..., prepared.slice_index] = to_slices(prepared, slices, fill)
     return out
