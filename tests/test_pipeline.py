@@ -242,6 +242,30 @@ def test_remask_in_napari_order_equals_the_transposed_mask(monkeypatch):
         remask(result, 0.3, order="xzy")
 
 
+def test_scattered_slices_map_back_like_a_whole_run(monkeypatch):
+    # Slices 1 and 3 are not consecutive: they take the index-array path, the whole run (1..4)
+    # the basic-slice path; both must put every value in the same place.
+    spec = tiny_spec()
+    data = _box_volume()
+    # A change that depends on each slice's own content only (not on its place in the batch).
+    fake, _ = _fake_counterfactual(lambda h: h - 0.3 * (h > 0.2) * h)
+    monkeypatch.setattr(pipeline, "iter_counterfactual", fake)
+    settings = LocalizeSettings.from_spec(spec, median_size=3, min_component_voxels=0)
+    whole = localize(None, spec, data, settings)
+    scattered = localize(None, spec, data, settings, z_slices=[1, 3])
+    assert list(scattered.processed_slices) == [1, 3]
+    assert whole.difference[..., [1, 3]].max() > 0.05  # there is something to map back
+    for z in (1, 3):
+        np.testing.assert_allclose(scattered.difference[..., z], whole.difference[..., z],
+                                   atol=1e-6)
+        np.testing.assert_allclose(scattered.healthy[..., z], whole.healthy[..., z], rtol=1e-6)
+        np.testing.assert_allclose(scattered.difference_per_channel[..., z],
+                                   whole.difference_per_channel[..., z], atol=1e-6)
+    for z in (0, 2, 4, 5):
+        assert not scattered.difference[..., z].any()
+        assert np.array_equal(scattered.healthy[..., z], data[..., z])
+
+
 def test_otsu_threshold_is_per_volume(monkeypatch):
     spec = tiny_spec()
     data = _box_volume()

@@ -512,7 +512,10 @@ def _volume_outputs(
     healthy = data.copy()
     if idx.size == 0:
         return difference, per_channel, healthy
-    brain_idx = brain[..., idx]
+    # A run of consecutive slices (a whole volume's brain slices, one preview slice) is a basic
+    # slice: numpy copies those ~10x faster than through an index array along the last axis.
+    z = _as_slice(idx)
+    brain_idx = brain[..., z]
     input_s = sub.slices
     _, per_s = difference_maps(input_s, healthy_s, channel_axis=1)
     per_idx = np.maximum(to_slices(sub, per_s, fill=0.0), 0.0)  # [C, X, Y, n]
@@ -521,20 +524,29 @@ def _volume_outputs(
     smoothed = median_smooth(raw, median_size, slice_axis=-1)
     # Outside the brain there is only background; what the model-space resize bleeds there is
     # not an anomaly and would show as a halo in the difference layer.
-    smoothed[~brain_idx] = 0.0
-    per_idx[:, ~brain_idx] = 0.0
-    difference[..., idx] = smoothed
-    per_channel[..., idx] = per_idx
+    smoothed *= brain_idx
+    per_idx *= brain_idx
+    difference[..., z] = smoothed
+    per_channel[..., z] = per_idx
 
     delta = to_slices(sub, input_s - healthy_s, fill=0.0)  # [C, X, Y, n], normalised units
-    delta[:, ~brain_idx] = 0.0
+    delta *= brain_idx
     # normalised = data / scale * 2 - 1, so a change d in normalised units is d * scale / 2.
-    source = data[..., idx]
-    changed = source - delta * (prepared.scale.reshape(-1, 1, 1, 1) / 2.0)
+    delta *= (prepared.scale / 2.0).astype(np.float32).reshape(-1, 1, 1, 1)
+    source = data[..., z]
+    changed = np.subtract(source, delta, out=delta)
     if source.size and float(source.min()) >= 0.0:
         np.maximum(changed, 0.0, out=changed)
-    healthy[..., idx] = changed
+    healthy[..., z] = changed
     return difference, per_channel, healthy
+
+
+def _as_slice(index: np.ndarray) -> slice | np.ndarray:
+    """``index`` as a basic slice when it is a run of consecutive integers."""
+    if index.size and int(index[-1]) - int(index[0]) == index.size - 1 and (
+            index.size < 2 or bool(np.all(np.diff(index) == 1))):
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
 
 
 def localize(
