@@ -12,6 +12,8 @@ Each measurement runs in a fresh subprocess so that peak memory (max RSS) is its
     python benchmarks/speed.py            # the bundled default model, a BraTS-size synthetic volume
     python benchmarks/speed.py --quick    # about a minute: reference timed on a few slices, extrapolated
     python benchmarks/speed.py --tiny     # smoke test: tiny random model, tiny volume (seconds)
+    python benchmarks/speed.py --ablation # network time per slice for each speed measure in turn
+    python benchmarks/speed.py --ablation --with-compile   # ... and torch.compile (minutes)
 
 The last line is ``speedup_vs_reference X`` (whole-volume reference time / pipeline time).
 """
@@ -213,6 +215,56 @@ def worker(args: argparse.Namespace) -> dict:
     return result
 
 
+def ablation(args: argparse.Namespace) -> list[tuple[str, float, float | None]]:
+    """Network time per slice (one forward pass) under each speed measure, added one by one.
+
+    Returns rows (configuration, ms per slice, compile seconds or None)."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, spec, _ = _load(args)
+    size, channels = spec.image_size, spec.in_channels
+
+    def per_slice(net, batch: int, bf16: bool, channels_last: bool, inference: bool,
+                  repeats: int = 3) -> tuple[float, float]:
+        net = net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        x = torch.randn(batch, channels, size, size)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        t = torch.full((batch,), 100)
+        y = torch.zeros(batch, dtype=torch.long)
+        grad = torch.inference_mode() if inference else torch.no_grad()
+        with grad, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            started = time.perf_counter()
+            net(x, t, y)  # warm-up (and compilation, for a compiled net)
+            first = time.perf_counter() - started
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                net(x, t, y)
+                times.append(time.perf_counter() - started)
+        return 1000 * min(times) / batch, first
+
+    batch = 2 * 24  # decoding's doubled batch at the CPU default of 24 slices per chunk
+    configs = [
+        ("reference: float32, 1 slice per call, no_grad", 1, False, False, False),
+        ("+ inference_mode", 1, False, False, True),
+        ("+ bf16 autocast", 1, True, False, True),
+        (f"+ {batch} slices per call", batch, True, False, True),
+        ("+ channels-last", batch, True, True, True),
+        ("  (previous default: 128 per call)", 128, True, True, True),
+    ]
+    rows: list[tuple[str, float, float | None]] = []
+    for name, b, bf16, cl, inference in configs:
+        rows.append((name, per_slice(model, b, bf16, cl, inference)[0], None))
+    if args.with_compile:
+        compiled = torch.compile(model, dynamic=False)
+        ms, first = per_slice(compiled, batch, True, True, True)
+        rows.append(("+ torch.compile (inductor)", ms, first))
+    return rows
+
+
 def _spawn(args: argparse.Namespace, role: str, extra: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--worker", role, "--model", args.model] + extra
     if args.tiny:
@@ -237,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="time the reference on a few slices only")
     parser.add_argument("--tiny", action="store_true", help="smoke test: tiny model and volume")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--ablation", action="store_true",
+                        help="network time per slice for each speed measure in turn")
+    parser.add_argument("--with-compile", action="store_true",
+                        help="with --ablation: also torch.compile (compiles for minutes)")
     parser.add_argument("--worker", choices=["reference", "pipeline"], help=argparse.SUPPRESS)
     parser.add_argument("--reference-slices", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--compare-out", default=None, help=argparse.SUPPRESS)
@@ -247,6 +303,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import torch
+
+    if args.ablation:
+        rows = ablation(args)
+        print(f"network time per slice, {'tiny model' if args.tiny else args.model}, cpu "
+              f"({os.cpu_count()} cores), torch {torch.__version__}, threads {torch.get_num_threads()}")
+        print()
+        print("| configuration | ms per slice | vs reference | compile s |")
+        print("|---|---|---|---|")
+        for name, ms, compile_s in rows:
+            print(f"| {name} | {ms:.2f} | {rows[0][1] / ms:.2f}x | "
+                  f"{'-' if compile_s is None else f'{compile_s:.0f}'} |")
+        return 0
 
     compare = str(Path(tempfile.mkdtemp(prefix="whatishealthy-speed-")) / "ref.npy")
     n_ref = 4 if (args.quick or args.tiny) else None

@@ -1,0 +1,71 @@
+"""Smoke tests: every benchmark script runs with its tiniest settings and prints its table.
+
+Timings are never asserted; what is checked is that each script still works end to end and that
+its output has the promised shape (the table, the comparison against its reference in the same
+run, the last line).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+pytestmark = pytest.mark.slow
+
+
+def _run(*args: str) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    rows = [line.strip().strip("|").split("|") for line in text.splitlines()
+            if line.startswith("|") and not line.startswith("|--") and not line.startswith("|-")]
+    return [[cell.strip() for cell in row] for row in rows[1:]]  # without the header
+
+
+def test_speed_tiny_compares_against_the_reference():
+    out = _run(BENCHMARKS / "speed.py", "--tiny")
+    rows = _table_rows(out)
+    assert [r[0] for r in rows] == ["reference loop (extrapolated)", "pipeline"]
+    for row in rows:
+        assert float(row[2]) > 0 and int(row[3]) > 0 and float(row[4]) > 0
+    assert "outputs agree: yes" in out
+    assert re.search(r"threshold slider .*: [\d.]+ ms median", out)
+    assert re.fullmatch(r"speedup_vs_reference \d+\.\d\d", out.strip().splitlines()[-1])
+
+
+def test_speed_ablation_tiny_lists_each_measure():
+    out = _run(BENCHMARKS / "speed.py", "--ablation", "--tiny")
+    rows = _table_rows(out)
+    assert rows[0][0].startswith("reference") and rows[0][2] == "1.00x"
+    assert any("channels-last" in r[0] for r in rows) and len(rows) == 6
+    assert all(float(r[1]) > 0 for r in rows)
+
+
+def test_quality_tiny_has_every_method_and_baseline():
+    out = _run(BENCHMARKS / "quality.py", "--tiny", "--z-stride", "2")
+    methods = {r[0] for r in _table_rows(out)}
+    assert {"unguided reconstruction (w=0)", "FLAIR intensity"} <= methods
+    assert any(m.startswith("counterfactual (w=") for m in methods)
+    assert any(m.startswith("classifier guidance (s=") for m in methods)
+    assert "every 2th brain slice" in out
+    for row in _table_rows(out):
+        assert 0.0 <= float(row[3]) <= 1.0 and 0.0 <= float(row[4]) <= 1.0  # AUROC, AUPRC
+
+
+def test_tune_on_tiny_cases(tiny_checkpoint, synthetic_cases):
+    out = _run(BENCHMARKS / "tune.py", tiny_checkpoint, synthetic_cases, "--grid", "0.2:1",
+               "0.2:3", "--steps", "2", "--z-stride", "2")
+    rows = _table_rows(out)
+    assert [(float(r[0]), float(r[1])) for r in rows[:2]] == [(0.2, 1.0), (0.2, 3.0)]
+    assert all(0.0 <= float(r[4]) <= 1.0 for r in rows[:2])  # AUPRC
