@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="default")
     parser.add_argument("--cases", type=int, default=None, help="evaluate only the first N cases")
     parser.add_argument("--json", default=None, help="write the full reports here")
+    parser.add_argument("--classifier-only", action="store_true",
+                        help="only the classifier-guidance rows (and the FLAIR baseline): to "
+                             "choose a classifier's scale on a calibration set")
     parser.add_argument("--z-stride", type=int, default=1,
                         help="run and score every k-th brain slice only (all methods on the same "
                              "voxels; a sweep at 1/k of the cost)")
@@ -131,11 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         classifier_info = {"path": str(classifier_path), "sha256": csha}
     recommended = LocalizeSettings.from_spec(spec, device="cpu")
     level = f"L={recommended.noise_level:g}"
-    runs = {
+    if args.classifier_only and classifier_path is None:
+        parser.error("--classifier-only needs --classifier")
+    runs = {} if args.classifier_only else {
         f"counterfactual (w={recommended.guidance:g}, {level})": recommended,
         "unguided reconstruction (w=0)": LocalizeSettings.from_spec(spec, device="cpu", guidance=0.0),
     }
-    if args.sweep:
+    if args.sweep and not args.classifier_only:
         for w in args.implicit_scales:
             if w not in (recommended.guidance, 0.0):
                 runs[f"counterfactual (w={w:g}, {level})"] = LocalizeSettings.from_spec(

@@ -229,7 +229,50 @@ def main(argv: list[str] | None = None) -> int:
     shoot(viewer, app, out / "07-save.png", note)
     print(f"(the mask was saved to {saved}, a temporary folder)")
     viewer.close()
+    single_volume(app, out, z, args.device)
     return 0
+
+
+def single_volume(app, out: Path, z: int, device: str) -> None:
+    """08: a lone FLAIR file with the model on Automatic (the FLAIR model is picked); 09: the same
+    image under a name without its modality: the widget asks."""
+    import napari
+
+    from napari_whatishealthy.core.registry import bundled_models
+
+    if "flair" not in bundled_models():
+        print("warning: no bundled flair model: 08/09 not made", file=sys.stderr)
+        return
+    viewer = napari.Viewer(title="napari: What is Healthy?", show=True)
+    viewer.window.resize(1560, 1080)
+    viewer.open_sample(PLUGIN, "sample_flair")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
+    widget.device_combo.setCurrentText(device)
+    widget.orientation_combo.setCurrentText(RADIOLOGICAL)
+    flair = viewer.layers["Sample_flair"]
+    viewer.dims.set_point(0, flair.data_to_world((z, 0, 0))[0])
+    widget.run()
+    while widget.is_running:
+        settle(app, 0.05)
+    if widget.last_error:
+        print(f"the FLAIR-only run failed: {widget.last_error}", file=sys.stderr)
+    viewer.layers["Sample_flair healthy"].visible = False
+    viewer.layers["seg"].visible = False
+    viewer.layers.selection.active = viewer.layers["Sample_flair mask"]
+    settle(app, 1.0)
+    shoot(viewer, app, out / "08-single-flair.png", None)
+    viewer.close()
+
+    viewer = napari.Viewer(title="napari: What is Healthy?", show=True)
+    viewer.window.resize(1560, 1080)
+    layer = viewer.add_image(np.asarray(flair.data), name="scan", scale=flair.scale,
+                             translate=flair.translate, units=flair.units)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
+    widget.orientation_combo.setCurrentText(RADIOLOGICAL)
+    viewer.dims.set_point(0, layer.data_to_world((z, 0, 0))[0])
+    settle(app, 1.0)
+    shoot(viewer, app, out / "09-ask-modality.png", None)
+    viewer.close()
 
 
 if __name__ == "__main__":

@@ -44,3 +44,17 @@ def test_sample_opens_in_a_viewer(make_napari_viewer):
     assert [layer.name for layer in layers] == ["flair", "t1", "t1ce", "t2", "seg"]
     assert type(viewer.layers["seg"]).__name__ == "Labels"
     assert tuple(str(u) for u in viewer.layers["flair"].units) == ("millimeter",) * 3
+
+
+def test_flair_only_sample_is_a_lone_named_file(make_napari_viewer):
+    from napari_whatishealthy._sample_data import make_flair_sample_data
+
+    layers = make_flair_sample_data()
+    assert [(kw["name"], kind) for _, kw, kind in layers] == [("Sample_flair", "image"),
+                                                               ("seg", "labels")]
+    assert layers[0][1]["metadata"]["modality"] == "flair"
+    full = make_sample_data()
+    np.testing.assert_array_equal(layers[0][0], full[0][0])  # the same FLAIR voxels
+    viewer = make_napari_viewer()
+    opened = viewer.open_sample(PLUGIN, "sample_flair")
+    assert [layer.name for layer in opened] == ["Sample_flair", "seg"]

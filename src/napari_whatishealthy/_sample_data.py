@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._layers import LayerDataTuple, read_case_folder
+from ._layers import LayerDataTuple, read_case_folder, read_paths
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 
@@ -22,3 +22,14 @@ def sample_case_path() -> Path:
 def make_sample_data() -> list[LayerDataTuple]:
     """Layers of the sample case, as the reader gives them (four modalities and ``seg``)."""
     return read_case_folder(SAMPLE_DIR, sample=True)
+
+
+def make_flair_sample_data() -> list[LayerDataTuple]:
+    """The single-volume workflow: only the sample's FLAIR file (and its ``seg``), opened as the
+    reader opens lone files. The widget's automatic model choice then picks the FLAIR model."""
+    layers = read_paths([SAMPLE_DIR / "Sample_flair.nii.gz", SAMPLE_DIR / "Sample_seg.nii.gz"])
+    for _, kwargs, _ in layers:
+        kwargs["metadata"]["sample"] = True
+        if kwargs["metadata"].get("modality") == "seg":
+            kwargs["name"] = "seg"  # so that the widget offers it as the ground truth
+    return layers
