@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint_cache import CheckpointCache
 from .errors import WhatIsHealthyError
 from .model import (
     HEALTHY,
@@ -40,7 +39,6 @@ from .model import (
     CheckpointError,
     ModelSpec,
     ScheduleSpec,
-    checkpoint_hash,
     load_state_strict,
     read_safetensors,
 )
@@ -300,8 +298,7 @@ def resolve_classifier(path: str | Path) -> Path:
     return path.resolve()
 
 
-_cache: OrderedDict[tuple, tuple[NoisyClassifier, ClassifierSpec, str]] = OrderedDict()
-_lock = threading.Lock()
+_cache = CheckpointCache(2, "classifier")
 
 
 def load_classifier_cached(
@@ -311,34 +308,12 @@ def load_classifier_cached(
     :func:`~.registry.load_model_cached`); the classifier is shared: do not modify it."""
     from .device import resolve_device
 
-    folder = resolve_classifier(path)
-    dev = resolve_device(device)
-    try:
-        stats = [(folder / n).stat() for n in (WEIGHTS_FILE, SPEC_FILE)]
-    except OSError as exc:
-        raise CheckpointError(f"{folder}: cannot read the classifier ({exc})") from exc
-    key = (str(folder), tuple((s.st_mtime_ns, s.st_size) for s in stats), str(dev))
-    with _lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
-        try:
-            digest = checkpoint_hash(folder)
-        except OSError as exc:
-            raise CheckpointError(f"{folder}: cannot read the classifier ({exc})") from exc
-        model = load_classifier(folder, device=dev)
-        entry = (model, model.spec, digest)
-        for old in [k for k in _cache if k[0] == key[0] and k[2] == key[2]]:
-            del _cache[old]
-        _cache[key] = entry
-        while len(_cache) > 2:
-            _cache.popitem(last=False)
-        return entry
+    return _cache.get(resolve_classifier(path), resolve_device(device),
+                      lambda folder, dev: load_classifier(folder, device=dev))
 
 
 def clear_classifier_cache() -> None:
-    with _lock:
-        _cache.clear()
+    _cache.clear()
 
 
 # --------------------------------------------------------------------------------------------

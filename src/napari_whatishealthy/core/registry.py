@@ -12,12 +12,11 @@ in the widget starts at once.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
+from .checkpoint_cache import CheckpointCache
 from .device import resolve_device
 from .errors import WhatIsHealthyError
 from .model import (
@@ -26,7 +25,6 @@ from .model import (
     CheckpointError,
     ConditionalUNet,
     ModelSpec,
-    checkpoint_hash,
     load_checkpoint,
 )
 
@@ -98,13 +96,7 @@ def resolve_model(name_or_path: str | Path | None = None) -> Path:
     return path.resolve()
 
 
-_cache: OrderedDict[tuple, tuple[ConditionalUNet, ModelSpec, str]] = OrderedDict()
-_lock = threading.Lock()
-
-
-def _file_key(path: Path) -> tuple:
-    stats = [(path / n).stat() for n in (WEIGHTS_FILE, SPEC_FILE)]
-    return tuple((s.st_mtime_ns, s.st_size) for s in stats)
+_cache = CheckpointCache(_CACHE_SIZE, "checkpoint")
 
 
 def load_model_cached(
@@ -116,35 +108,12 @@ def load_model_cached(
     :func:`~napari_whatishealthy.core.model.checkpoint_hash`, for provenance.
     """
     folder = resolve_model(path)
-    dev = resolve_device(device)
-    try:
-        key = (str(folder), _file_key(folder), str(dev))
-    except OSError as exc:
-        raise CheckpointError(f"{folder}: cannot read the checkpoint ({exc})") from exc
-    with _lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
-        try:
-            digest = checkpoint_hash(folder)
-        except OSError as exc:
-            raise CheckpointError(f"{folder}: cannot read the checkpoint ({exc})") from exc
-        model = load_checkpoint(folder, device=dev)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        entry = (model, model.spec, digest)
-        # Drop older versions of the same checkpoint on the same device at once.
-        for old in [k for k in _cache if k[0] == key[0] and k[2] == key[2]]:
-            del _cache[old]
-        _cache[key] = entry
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-        return entry
+    return _cache.get(folder, resolve_device(device),
+                      lambda f, dev: load_checkpoint(f, device=dev))
 
 
 def clear_model_cache() -> None:
-    with _lock:
-        _cache.clear()
+    _cache.clear()
 
 
 def describe_model(path: str | Path | None = None) -> str:
