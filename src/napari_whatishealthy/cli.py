@@ -74,44 +74,95 @@ def _run_synth(args: argparse.Namespace) -> int:
 # train
 
 
+def _add_training_data_options(p: argparse.ArgumentParser, of_model: str) -> None:
+    """DATA, --out, --size, --modalities: shared by train and train-classifier."""
+    p.add_argument("--out", required=True,
+                   help="output folder: checkpoint/, train_state.pt, train_log.jsonl")
+    p.add_argument("--size", type=int, default=64,
+                   help=f"image size in pixels{of_model} (default 64)")
+    p.add_argument("--modalities", default="flair,t1,t1ce,t2",
+                   help=f"comma-separated channels in order{of_model}, e.g. flair for a "
+                        "FLAIR-only model")
+
+
+def _add_network_options(p: argparse.ArgumentParser, network, what: str, example: str) -> None:
+    p.add_argument("--channels", default=",".join(map(str, network.channels)),
+                   help=f"{what} channels per level")
+    p.add_argument("--attention",
+                   default=",".join("1" if a else "0" for a in network.attention_levels),
+                   help=f"attention per level, e.g. {example}")
+    p.add_argument("--res-blocks", type=int, default=network.num_res_blocks)
+
+
+def _add_run_options(p: argparse.ArgumentParser, name: str, seed_help: str | None = None) -> None:
+    """Device, seed, time limit, logging, checkpoints, resume: shared by both trainers."""
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="stop (and save) after this many minutes")
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--val-every", type=int, default=250)
+    p.add_argument("--name", default=name)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+
+def _parse_network(args: argparse.Namespace, example: str) -> tuple[tuple[int, ...],
+                                                                     tuple[bool, ...], int]:
+    """(channels, attention, norm groups) from --channels / --attention, checked."""
+    try:
+        channels = tuple(int(c) for c in args.channels.split(","))
+    except ValueError:
+        raise WhatIsHealthyError(f"--channels must be integers like {example}, got "
+                                 f"{args.channels!r}") from None
+    attention = tuple(a.strip() in ("1", "true", "True") for a in args.attention.split(","))
+    if len(channels) != len(attention):
+        raise WhatIsHealthyError("--channels and --attention need one entry per level")
+    groups = min(16, min(channels))
+    if any(c % groups for c in channels):
+        raise WhatIsHealthyError(f"--channels must all be multiples of {groups}")
+    return channels, attention, groups
+
+
+def _check_at_least_one(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise WhatIsHealthyError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def _run_options(args: argparse.Namespace) -> dict:
+    """The config fields every trainer takes from the shared options."""
+    return dict(
+        data=args.data, out=args.out, size=args.size,
+        modalities=tuple(m.strip() for m in args.modalities.split(",") if m.strip()),
+        steps=args.steps, batch=args.batch, lr=args.lr, amp=args.amp, device=args.device,
+        seed=args.seed, time_limit_min=args.time_limit, checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every, val_every=args.val_every, resume=args.resume,
+        timestep_stride=args.timestep_stride, name=args.name,
+    )
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .core.model import NetworkSpec
 
-    d = NetworkSpec()
     p = sub.add_parser("train", help="train the conditional diffusion model from image-level "
                        "labels")
     p.add_argument("data", help="folder of BraTS-layout cases (with <case>_seg.nii.gz for the "
                    "slice labels)")
-    p.add_argument("--out", required=True,
-                   help="output folder: checkpoint/, train_state.pt, train_log.jsonl")
-    p.add_argument("--size", type=int, default=64, help="model image size in pixels (default 64)")
-    p.add_argument("--modalities", default="flair,t1,t1ce,t2",
-                   help="comma-separated channels in order")
+    _add_training_data_options(p, "")
     p.add_argument("--steps", type=int, default=5000, help="total optimiser steps")
     p.add_argument("--batch", type=int, default=32, help="slices per step (per process)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--label-dropout", type=float, default=0.15,
                    help="probability of the null label (classifier-free guidance)")
     p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--channels", default=",".join(map(str, d.channels)),
-                   help="UNet channels per level")
-    p.add_argument("--attention", default=",".join("1" if a else "0" for a in d.attention_levels),
-                   help="attention per level, e.g. 0,0,1")
-    p.add_argument("--res-blocks", type=int, default=d.num_res_blocks)
+    _add_network_options(p, NetworkSpec(), "UNet", "0,0,1")
     p.add_argument("--timestep-stride", type=int, default=10,
                    help="train on timesteps 0, k, 2k, ... of 1000 (the method's 100-step "
                         "respacing: 10)")
-    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-limit", type=float, default=None,
-                   help="stop (and save) after this many minutes")
-    p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--val-every", type=int, default=250)
-    p.add_argument("--name", default="whatishealthy")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    _add_run_options(p, "whatishealthy")
     p.set_defaults(func=_run_train)
 
 
@@ -119,30 +170,14 @@ def _run_train(args: argparse.Namespace) -> int:
     from .core.model import NetworkSpec
     from .core.train import TrainConfig, train
 
-    try:
-        channels = tuple(int(c) for c in args.channels.split(","))
-    except ValueError:
-        raise WhatIsHealthyError(f"--channels must be integers like 32,64,128, got "
-                                 f"{args.channels!r}") from None
-    attention = tuple(a.strip() in ("1", "true", "True") for a in args.attention.split(","))
-    if len(channels) != len(attention):
-        raise WhatIsHealthyError("--channels and --attention need one entry per level")
-    for name in ("steps", "batch", "size", "log_every", "val_every", "checkpoint_every"):
-        if getattr(args, name) < 1:
-            raise WhatIsHealthyError(f"--{name.replace('_', '-')} must be at least 1")
-    groups = min(16, min(channels))
+    channels, attention, groups = _parse_network(args, "32,64,128")
+    _check_at_least_one(args, "steps", "batch", "size", "log_every", "val_every",
+                        "checkpoint_every", "timestep_stride")
     network = NetworkSpec(channels=channels, attention_levels=attention,
                           num_res_blocks=args.res_blocks, norm_num_groups=groups,
                           num_head_channels=min(32, channels[-1]))
-    config = TrainConfig(
-        data=args.data, out=args.out, size=args.size,
-        modalities=tuple(m.strip() for m in args.modalities.split(",")),
-        steps=args.steps, batch=args.batch, lr=args.lr, label_dropout=args.label_dropout,
-        ema_decay=args.ema_decay, amp=args.amp, device=args.device, seed=args.seed,
-        time_limit_min=args.time_limit, checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every, val_every=args.val_every, resume=args.resume,
-        network=network, timestep_stride=args.timestep_stride, name=args.name,
-    )
+    config = TrainConfig(**_run_options(args), label_dropout=args.label_dropout,
+                         ema_decay=args.ema_decay, network=network)
     train(config, show_progress=not args.no_progress)
     return 0
 
@@ -154,26 +189,17 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
     from .core.classifier import ClassifierNetworkSpec
 
-    d = ClassifierNetworkSpec()
     p = sub.add_parser("train-classifier", help="train the noisy-image classifier of healthy vs "
-                       "unhealthy slices for classifier guidance (--method classifier)")
+                       "unhealthy slices (for --method classifier)")
     p.add_argument("data", help="folder of BraTS-layout cases (with <case>_seg.nii.gz for the "
                    "slice labels): the same data as `train`")
-    p.add_argument("--out", required=True,
-                   help="output folder: checkpoint/, train_state.pt, train_log.jsonl")
-    p.add_argument("--size", type=int, default=64,
-                   help="image size in pixels: the diffusion model's (default 64)")
-    p.add_argument("--modalities", default="flair,t1,t1ce,t2",
-                   help="comma-separated channels in order: the diffusion model's")
+    _add_training_data_options(p, ": the diffusion model's")
     p.add_argument("--steps", type=int, default=3000, help="total optimiser steps")
     p.add_argument("--batch", type=int, default=32, help="slices per step")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--channels", default=",".join(map(str, d.channels)),
-                   help="encoder channels per level (each level halves the image)")
-    p.add_argument("--attention", default=",".join("1" if a else "0" for a in d.attention_levels),
-                   help="self-attention per level, e.g. 0,0,0,1")
-    p.add_argument("--res-blocks", type=int, default=d.num_res_blocks)
+    _add_network_options(p, ClassifierNetworkSpec(),
+                         "encoder (each level halves the image)", "0,0,0,1")
     p.add_argument("--timestep-stride", type=int, default=10,
                    help="train on timesteps 0, k, 2k, ... of 1000: the diffusion model's stride "
                         "or a divisor of it")
@@ -183,18 +209,8 @@ def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slices", default=None,
                    help="reuse a prepared slices.npz (e.g. the diffusion run's DIR/slices.npz) "
                         "instead of preparing DATA again")
-    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed; the same seed as `train` gives the same held-out cases")
-    p.add_argument("--time-limit", type=float, default=None,
-                   help="stop (and save) after this many minutes")
-    p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--val-every", type=int, default=250)
-    p.add_argument("--name", default="whatishealthy-classifier")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    _add_run_options(p, "whatishealthy-classifier",
+                     "seed; the same seed as `train` gives the same held-out cases")
     p.set_defaults(func=_run_train_classifier)
 
 
@@ -202,36 +218,17 @@ def _run_train_classifier(args: argparse.Namespace) -> int:
     from .core.classifier import ClassifierNetworkSpec
     from .core.train_classifier import ClassifierTrainConfig, train_classifier
 
-    try:
-        channels = tuple(int(c) for c in args.channels.split(","))
-    except ValueError:
-        raise WhatIsHealthyError(f"--channels must be integers like 32,64,64,128, got "
-                                 f"{args.channels!r}") from None
-    attention = tuple(a.strip() in ("1", "true", "True") for a in args.attention.split(","))
-    if len(channels) != len(attention):
-        raise WhatIsHealthyError("--channels and --attention need one entry per level")
-    for name in ("steps", "batch", "size", "log_every", "val_every", "checkpoint_every",
-                 "timestep_stride"):
-        if getattr(args, name) < 1:
-            raise WhatIsHealthyError(f"--{name.replace('_', '-')} must be at least 1")
+    channels, attention, groups = _parse_network(args, "32,64,64,128")
+    _check_at_least_one(args, "steps", "batch", "size", "log_every", "val_every",
+                        "checkpoint_every", "timestep_stride")
     if not 0.0 < args.max_noise <= 1.0:
         raise WhatIsHealthyError(f"--max-noise must be in (0, 1], got {args.max_noise}")
-    groups = min(16, min(channels))
-    if any(c % groups for c in channels):
-        raise WhatIsHealthyError(f"--channels must all be multiples of {groups}")
     network = ClassifierNetworkSpec(channels=channels, attention_levels=attention,
                                     num_res_blocks=args.res_blocks, norm_num_groups=groups,
                                     num_head_channels=min(32, channels[-1]))
-    config = ClassifierTrainConfig(
-        data=args.data, out=args.out, size=args.size,
-        modalities=tuple(m.strip() for m in args.modalities.split(",")),
-        steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
-        amp=args.amp, device=args.device, seed=args.seed, time_limit_min=args.time_limit,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-        val_every=args.val_every, resume=args.resume, network=network,
-        timestep_stride=args.timestep_stride, max_noise=args.max_noise, slices=args.slices,
-        name=args.name,
-    )
+    config = ClassifierTrainConfig(**_run_options(args), weight_decay=args.weight_decay,
+                                   network=network, max_noise=args.max_noise,
+                                   slices=args.slices)
     train_classifier(config, show_progress=not args.no_progress)
     return 0
 
