@@ -83,3 +83,16 @@ def cases_copy(synthetic_cases, tmp_path) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.int16) -> Path:
+    """Write ``data`` as NIfTI with ``affine`` in both qform and sform (code 1), as scanners and
+    BraTS do; the on-disk type is ``dtype``."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data.astype(dtype), affine)
+    img.set_data_dtype(dtype)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    nib.save(img, str(path))
+    return path

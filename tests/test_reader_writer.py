@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import write_nifti as _write
 
 from napari_whatishealthy._layers import default_mask_path, napari_to_ras_affine
 from napari_whatishealthy._reader import napari_get_reader
@@ -24,15 +25,6 @@ def _lps_affine() -> np.ndarray:
     affine = np.diag([-1.5, -2.0, 3.0, 1.0])
     affine[:3, 3] = [40.0, 25.0, -10.0]
     return affine
-
-
-def _write(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.int16) -> Path:
-    img = nib.Nifti1Image(data.astype(dtype), affine)
-    img.set_data_dtype(dtype)
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    nib.save(img, str(path))
-    return path
 
 
 @pytest.fixture

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import gzip
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import write_nifti as _write
 
 from napari_whatishealthy.core import volume as volume_mod
 from napari_whatishealthy.core.errors import InputError
@@ -27,15 +27,6 @@ PERMUTED_AFFINE = np.array([
     [0.0, 3.0, 0.0, -7.0],
     [0.0, 0.0, 0.0, 1.0],
 ])
-
-
-def _write(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.int16) -> Path:
-    img = nib.Nifti1Image(data.astype(dtype), affine)
-    img.set_data_dtype(dtype)
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    nib.save(img, str(path))
-    return path
 
 
 def _stored(shape=(7, 9, 5), seed=0) -> np.ndarray:
