@@ -412,7 +412,7 @@ def test_cli_train_classifier_then_localize_and_evaluate(capsys, synthetic_cases
     assert rc == 0, err
     report = json.loads(report_path.read_text())
     assert report["settings"]["method"] == "classifier"  # implied by --classifier
-    assert report["classifier"]["scale"] == 10.0  # the classifier spec's recommended scale
+    assert report["classifier"]["scale"] == 100.0  # the classifier spec's recommended scale
 
     for args, match in [
         (("--method", "classifier"), "needs --classifier"),
