@@ -10,7 +10,7 @@ network in bf16 on CPU, which is where the difference comes from).
 Each measurement runs in a fresh subprocess so that peak memory (max RSS) is its own.
 
     python benchmarks/speed.py            # the bundled default model, a BraTS-size synthetic volume
-    python benchmarks/speed.py --quick    # about a minute: reference timed on a few slices, extrapolated
+    python benchmarks/speed.py --quick    # about a minute: reference timed on 8 slices, extrapolated
     python benchmarks/speed.py --tiny     # smoke test: tiny random model, tiny volume (seconds)
     python benchmarks/speed.py --ablation # network time per slice for each speed measure in turn
     python benchmarks/speed.py --ablation --with-compile   # ... and torch.compile (minutes)
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     compare = str(Path(tempfile.mkdtemp(prefix="whatishealthy-speed-")) / "ref.npy")
-    n_ref = 4 if (args.quick or args.tiny) else None
+    n_ref = 2 if args.tiny else (8 if args.quick else None)
     ref = _spawn(args, "reference", ["--compare-out", compare] + (
         ["--reference-slices", str(n_ref)] if n_ref else []))
     ours = _spawn(args, "pipeline", ["--compare-out", compare])
