@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="default")
     parser.add_argument("--cases", type=int, default=None, help="evaluate only the first N cases")
     parser.add_argument("--json", default=None, help="write the full reports here")
+    parser.add_argument("--main-only", action="store_true",
+                        help="only the model's recommended settings (and the FLAIR baseline): to "
+                             "compare models")
     parser.add_argument("--classifier-only", action="store_true",
                         help="only the classifier-guidance rows (and the FLAIR baseline): to "
                              "choose a classifier's scale on a calibration set")
@@ -140,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         f"counterfactual (w={recommended.guidance:g}, {level})": recommended,
         "unguided reconstruction (w=0)": LocalizeSettings.from_spec(spec, device="cpu", guidance=0.0),
     }
+    if args.main_only:
+        runs.pop("unguided reconstruction (w=0)", None)
     if args.sweep and not args.classifier_only:
         for w in args.implicit_scales:
             if w not in (recommended.guidance, 0.0):
