@@ -776,9 +776,13 @@ def _demo_gui(sample: Path, args: argparse.Namespace) -> int:
                               affine=volume.affine, opacity=0.4, visible=False)
     try:
         from ._widget import LocalizeWidget
+        from .core.model_choice import AUTO
+        from .core.registry import resolve_model
 
-        viewer.window.add_dock_widget(LocalizeWidget(viewer), name="What is Healthy?",
-                                      area="right")
+        widget = LocalizeWidget(viewer)
+        if args.model != AUTO:  # otherwise the widget's Automatic choice
+            widget.set_model(str(resolve_model(args.model)))
+        viewer.window.add_dock_widget(widget, name="What is Healthy?", area="right")
     except ImportError as exc:
         print(f"whatishealthy demo: warning: the widget could not be loaded ({exc})",
               file=sys.stderr)
