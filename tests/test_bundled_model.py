@@ -72,3 +72,38 @@ def test_headless_demo_writes_outputs_and_figure(tmp_path):
     assert any(n.endswith("_healthy.nii.gz") for n in names)
     assert any(n.endswith(".png") for n in names)
     assert any(n.endswith("_provenance.json") for n in names)
+
+
+@pytest.fixture(scope="module")
+def flair_model():
+    torch.set_num_threads(1)
+    path = registry.resolve_model("flair")
+    model, spec, digest = registry.load_model_cached(path, "cpu")
+    return path, model, spec, digest
+
+
+def test_flair_model_is_bundled_and_chosen_for_a_lone_flair(flair_model):
+    from napari_whatishealthy.core.model_choice import choose_model
+
+    path, model, spec, _ = flair_model
+    assert (path / WEIGHTS_FILE).stat().st_size <= MAX_BYTES
+    assert (path / WEIGHTS_FILE).read_bytes()[:1] != b"\x80"
+    assert spec.modalities == ("flair",) and spec.image_size == 64
+    assert choose_model(("flair",)).folder == path
+    assert choose_model(("flair", "t1", "t1ce", "t2")).name == "default"
+    record = json.loads((path / SPEC_FILE).read_text())["training"]
+    assert record["steps"] > 0 and record["cases"]["train"] > 0
+
+
+def test_flair_model_finds_the_sample_lesion_from_flair_alone(flair_model):
+    _, model, spec, _ = flair_model
+    volume = load_volume(sample_case_path()).select(spec.modalities)
+    assert volume.data.shape[0] == 1
+    truth = volume.segmentation > 0
+    z = int(np.argmax(truth.sum(axis=(0, 1))))
+    result = localize(model, spec, volume.data, LocalizeSettings.from_spec(spec, device="cpu"),
+                      z_slices=[z])
+    diff = result.difference[..., z]
+    lesion, brain = truth[..., z], result.brain[..., z]
+    assert diff[lesion].mean() > 2 * diff[brain & ~lesion].mean()
+    assert result.mask[..., z][lesion].mean() > 0.3

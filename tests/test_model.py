@@ -166,3 +166,19 @@ def test_model_cache_reuses_and_reloads_when_the_file_changes(tmp_path):
     x = _outputs(m3)
     assert np.isfinite(x.numpy()).all()
     registry.clear_model_cache()
+
+
+def test_saved_checkpoint_files_are_not_private(tmp_path):
+    import os
+    import stat
+
+    from conftest import make_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        folder = make_checkpoint(tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "spec.json"):
+        mode = stat.S_IMODE((folder / name).stat().st_mode)
+        assert mode & 0o044 == 0o044, oct(mode)  # group and others can read, as for any output

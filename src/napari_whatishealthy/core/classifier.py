@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from .model import (
     load_state_strict,
     read_safetensors,
 )
+from .volume import current_umask
 
 CLASSIFIER_FORMAT = "napari-whatishealthy/classifier-spec/1"
 # Output index of each class (the data's slice labels use the same numbers).
@@ -226,6 +228,8 @@ def save_classifier(
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp_weights = directory / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp_weights), metadata={"format": CLASSIFIER_FORMAT})
+    # safetensors creates the file private (0600); a checkpoint is shared like any output.
+    os.chmod(tmp_weights, 0o666 & ~current_umask())
     tmp_weights.replace(directory / WEIGHTS_FILE)
     tmp_spec = directory / (SPEC_FILE + ".tmp")
     tmp_spec.write_text(spec.to_json())

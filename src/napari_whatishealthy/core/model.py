@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import WhatIsHealthyError
+from .volume import current_umask
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "spec.json"
@@ -194,6 +196,8 @@ def save_checkpoint(model: ConditionalUNet, directory: str | Path, spec: ModelSp
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp_weights = directory / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp_weights), metadata={"format": SPEC_FORMAT})
+    # safetensors creates the file private (0600); a checkpoint is shared like any output.
+    os.chmod(tmp_weights, 0o666 & ~current_umask())
     tmp_weights.replace(directory / WEIGHTS_FILE)
     tmp_spec = directory / (SPEC_FILE + ".tmp")
     tmp_spec.write_text(spec.to_json())

@@ -811,6 +811,12 @@ def check_output_path(
     return path
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask would, for a moment, in every
+    thread)."""
+    return _umask()
+
+
 def _umask() -> int:
     try:
         with open("/proc/self/status") as fh:
