@@ -156,3 +156,21 @@ def test_healthy_percentile_threshold() -> None:
     assert (diff[healthy] > t).mean() <= 0.05
     with pytest.raises(WhatIsHealthyError):
         healthy_percentile_threshold(diff, np.zeros(diff.shape, bool))
+
+
+@pytest.mark.parametrize("shape,connectivity", [((30, 25), 1), ((30, 25), 2), ((12, 14, 10), 1),
+                                                ((12, 14, 10), 2), ((12, 14, 10), 3)])
+def test_component_labels_match_scipy(shape, connectivity):
+    from scipy import ndimage
+
+    from napari_whatishealthy.core.anomaly import label_components
+
+    mask = np.random.default_rng(connectivity).random(shape) > 0.6
+    sub = mask[1:, ::1][..., 1:]  # a non-contiguous view, as make_mask passes
+    labels, count = label_components(sub, connectivity)
+    ref, ref_count = ndimage.label(sub, ndimage.generate_binary_structure(sub.ndim, connectivity))
+    assert count == ref_count and labels.shape == sub.shape
+    # The same partition, up to the numbering of the components.
+    pairs = set(zip(labels[sub].tolist(), ref[sub].tolist(), strict=True))
+    assert len(pairs) == count and len({a for a, _ in pairs}) == count
+    assert not labels[~sub].any()

@@ -12,6 +12,11 @@ from scipy import ndimage
 
 from .errors import WhatIsHealthyError
 
+try:  # a compiled labeller: see label_components
+    import cc3d as _cc3d
+except ImportError:  # pragma: no cover - cc3d is a dependency; scipy is the fallback
+    _cc3d = None
+
 __all__ = [
     "difference_maps",
     "erode_mask",
@@ -136,6 +141,28 @@ def healthy_percentile_threshold(
 _STRUCTURES: dict[tuple[int, int], np.ndarray] = {}
 
 
+# cc3d's neighbourhoods for scipy's connectivity 1..ndim (faces, + edges, + corners).
+_CC3D_NEIGHBOURS = {2: {1: 4, 2: 8}, 3: {1: 6, 2: 18, 3: 26}}
+
+
+def label_components(mask: np.ndarray, connectivity: int = 1) -> tuple[np.ndarray, int]:
+    """``(labels, count)`` of the connected components of a boolean array, as
+    ``scipy.ndimage.label`` with ``generate_binary_structure(ndim, connectivity)``.
+
+    2D and 3D arrays go through connected-components-3d (cc3d), 2.5-3x faster than scipy on a
+    BraTS-size mask (14 against 36-38 ms for the whole volume): this is the slider's cost when
+    small components are filtered. Other dimensions, or without cc3d, use scipy.
+    """
+    neighbours = _CC3D_NEIGHBOURS.get(mask.ndim, {}).get(connectivity)
+    if neighbours is not None and _cc3d is not None:
+        labels, count = _cc3d.connected_components(
+            np.ascontiguousarray(mask), connectivity=neighbours, return_N=True
+        )
+        return labels, int(count)
+    labels, count = ndimage.label(mask, structure=_structure(mask.ndim, connectivity))
+    return labels, int(count)
+
+
 def _structure(ndim: int, connectivity: int) -> np.ndarray:
     key = (ndim, connectivity)
     if key not in _STRUCTURES:
@@ -143,7 +170,7 @@ def _structure(ndim: int, connectivity: int) -> np.ndarray:
     return _STRUCTURES[key]
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     """Bounding box of the True voxels; one full pass plus passes over shrinking sub-boxes."""
     box: list[slice] = [slice(None)] * mask.ndim
     for axis in range(mask.ndim):
@@ -186,10 +213,10 @@ def make_mask(
             )
         np.logical_and(above, brain, out=above)
     if min_component_voxels > 1:
-        box = _bounding_box(above)
+        box = bounding_box(above)
         if box is not None:
             sub = above[box]  # a view: writing to it writes the mask
-            labels, n = ndimage.label(sub, structure=_structure(sub.ndim, connectivity))
+            labels, n = label_components(sub, connectivity)
             if n:
                 # Sizes and the keep/drop decision on the foreground voxels only: fewer elements
                 # than the box (measured ~1.5x faster than bincount over the whole box).

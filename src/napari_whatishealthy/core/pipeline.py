@@ -205,11 +205,21 @@ class LocalizeResult:
     processed_slices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     recommended_threshold: float = 0.0
     warnings: list[str] = field(default_factory=list)
-    _zyx: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    _derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.mask.shape)  # type: ignore[return-value]
+
+    def brain_box(self, order: str = "xyz") -> tuple[slice, slice, slice]:
+        """The bounding box of the brain (empty slices when there is none), in ``order``."""
+        if "box" not in self._derived:
+            from .anomaly import bounding_box
+
+            box = bounding_box(self.brain)
+            self._derived["box"] = box if box is not None else (slice(0, 0),) * 3
+        box = self._derived["box"]
+        return box[::-1] if order == "zyx" else box  # type: ignore[return-value]
 
     def zyx(self, name: str) -> np.ndarray:
         """``difference``, ``brain`` or ``mask`` as a C-contiguous ``[Z, Y, X]`` array (napari's
@@ -217,9 +227,9 @@ class LocalizeResult:
         thresholding it, so a threshold slider should not pay it on every move."""
         if name not in ("difference", "brain", "mask"):
             raise ValueError(f"no [Z, Y, X] copy of {name!r}")
-        if name not in self._zyx:
-            self._zyx[name] = np.ascontiguousarray(getattr(self, name).transpose(2, 1, 0))
-        return self._zyx[name]
+        if name not in self._derived:
+            self._derived[name] = np.ascontiguousarray(getattr(self, name).transpose(2, 1, 0))
+        return self._derived[name]
 
 
 def resolve_threshold(
@@ -271,6 +281,9 @@ def remask(
         difference, brain, region = result.zyx("difference"), result.zyx("brain"), region[::-1]
     else:
         difference, brain = result.difference, result.brain
+    # The difference is 0 outside the brain, so nothing outside its bounding box can be masked:
+    # the slider only ever looks inside it (about 40 % of a BraTS volume).
+    region = _intersect(region, result.brain_box(order))
     mask = np.zeros(difference.shape, dtype=np.uint8)
     mask[region] = make_mask(
         difference[region],
@@ -485,6 +498,17 @@ def _run(
         recommended_threshold=recommended,
         warnings=warnings,
     )
+
+
+def _intersect(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, ...]:
+    """The overlap of two boxes of basic slices with steps of 1 (None ends: the whole axis)."""
+    out = []
+    for sa, sb in zip(a, b, strict=True):
+        start = max(sa.start or 0, sb.start or 0)
+        stops = [s.stop for s in (sa, sb) if s.stop is not None]
+        stop = min(stops) if stops else None
+        out.append(slice(start, max(start, stop) if stop is not None else None))
+    return tuple(out)
 
 
 def _processed_range(slice_index: np.ndarray) -> tuple[slice, slice, slice]:
