@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     viewer.window.resize(1560, 1080)
     viewer.open_sample(PLUGIN, "sample_case")
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
-    if model in bundled_models():
+    if model == "default":
+        pass  # the widget's Automatic choice picks it for the four-modality sample
+    elif model in bundled_models():
         index = widget.model_combo.findData(str(bundled_models()[model]))
         widget.model_combo.setCurrentIndex(index)
     else:
