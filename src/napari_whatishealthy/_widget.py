@@ -146,6 +146,7 @@ class LocalizeWidget(QWidget):
         self.run_count = 0
         self.last_error: str | None = None
         self._build_ui()
+        self._show_generic_defaults()
         self._timer = QTimer(self)
         self._timer.setInterval(250)
         self._timer.timeout.connect(self._tick)
@@ -490,6 +491,17 @@ class LocalizeWidget(QWidget):
         if self.is_auto_model:
             self._choose_auto_model()
             self._update_run_enabled()
+
+    def _show_generic_defaults(self) -> None:
+        """Settings before any model is chosen: the spec defaults every model starts from, not
+        the spin boxes' minimums (which would read as a choice)."""
+        from .core.model import InferenceDefaults
+
+        inf = InferenceDefaults()
+        self.guidance.setValue(float(inf.guidance))
+        self.noise_level.setValue(float(inf.noise_level))
+        self.steps.setValue(int(inf.steps))
+        self.min_size.setValue(int(inf.min_component_voxels))
 
     def reset_defaults(self) -> None:
         """Guidance, noise level, steps (and min component size) from the model's spec; the
