@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,8 +41,8 @@ from .model import (
     ScheduleSpec,
     load_state_strict,
     read_safetensors,
+    write_checkpoint_files,
 )
-from .volume import current_umask
 
 CLASSIFIER_FORMAT = "napari-whatishealthy/classifier-spec/1"
 # Output index of each class (the data's slice labels use the same numbers).
@@ -220,21 +219,8 @@ def save_classifier(
     model: NoisyClassifier, directory: str | Path, spec: ClassifierSpec | None = None
 ) -> Path:
     """Write weights (safetensors) and spec (JSON) into ``directory``, each atomically."""
-    from safetensors.torch import save_file
-
-    spec = spec or model.spec
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp_weights = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp_weights), metadata={"format": CLASSIFIER_FORMAT})
-    # safetensors creates the file private (0600); a checkpoint is shared like any output.
-    os.chmod(tmp_weights, 0o666 & ~current_umask())
-    tmp_weights.replace(directory / WEIGHTS_FILE)
-    tmp_spec = directory / (SPEC_FILE + ".tmp")
-    tmp_spec.write_text(spec.to_json())
-    tmp_spec.replace(directory / SPEC_FILE)
-    return directory
+    return write_checkpoint_files(model, directory, (spec or model.spec).to_json(),
+                                  CLASSIFIER_FORMAT)
 
 
 def load_classifier_spec(directory: str | Path) -> ClassifierSpec:

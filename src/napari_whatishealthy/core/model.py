@@ -188,19 +188,27 @@ def count_parameters(model: nn.Module) -> int:
 
 def save_checkpoint(model: ConditionalUNet, directory: str | Path, spec: ModelSpec | None = None) -> Path:
     """Write weights (safetensors) and spec (JSON) into ``directory``, each atomically."""
+    return write_checkpoint_files(model, directory, (spec or model.spec).to_json(), SPEC_FORMAT)
+
+
+def write_checkpoint_files(
+    network: torch.nn.Module, directory: str | Path, spec_json: str, weights_format: str
+) -> Path:
+    """The checkpoint writer of every network (diffusion model, classifier): the weights as
+    safetensors tagged with ``weights_format``, then ``spec_json``, each through a temporary
+    file and a rename, with the file modes of any other output."""
     from safetensors.torch import save_file
 
-    spec = spec or model.spec
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
     tmp_weights = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp_weights), metadata={"format": SPEC_FORMAT})
+    save_file(state, str(tmp_weights), metadata={"format": weights_format})
     # safetensors creates the file private (0600); a checkpoint is shared like any output.
     os.chmod(tmp_weights, 0o666 & ~current_umask())
     tmp_weights.replace(directory / WEIGHTS_FILE)
     tmp_spec = directory / (SPEC_FILE + ".tmp")
-    tmp_spec.write_text(spec.to_json())
+    tmp_spec.write_text(spec_json)
     tmp_spec.replace(directory / SPEC_FILE)
     return directory
 
