@@ -197,22 +197,11 @@ class JobRequest:
     cache: InputCache | None = None  # reuses the prepared slices of the same data
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    oom_type = getattr(torch, "OutOfMemoryError", None)
-    if oom_type is not None and isinstance(exc, oom_type):
-        return True
-    if isinstance(exc, MemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
 def localize_job(request: JobRequest) -> Generator[Any, None, Any]:
     """Load the model (and the classifier, if any; both cached) and localize, yielding a
     StatusMessage or a pipeline Progress per step; returns the ``LocalizeResult`` or a
     :class:`JobFailed`."""
-    from .core import classifier, pipeline, registry
+    from .core import classifier, counterfactual, pipeline, registry
 
     try:
         yield StatusMessage("loading the model")
@@ -245,7 +234,7 @@ def localize_job(request: JobRequest) -> Generator[Any, None, Any]:
     except WhatIsHealthyError as exc:
         return JobFailed(str(exc), exc)
     except Exception as exc:
-        if _is_out_of_memory(exc):
+        if counterfactual.is_out_of_memory(exc):
             return JobFailed(
                 "out of memory: try the current-slice scope, the CPU device, or close other "
                 f"programs using the GPU ({type(exc).__name__}: {str(exc).splitlines()[0]})",

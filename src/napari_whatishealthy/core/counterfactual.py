@@ -162,12 +162,12 @@ class CounterfactualSettings:
         if not math.isfinite(float(self.guidance)):
             raise WhatIsHealthyError(f"guidance must be a finite number, got {self.guidance!r}")
         _check_noise_and_steps(self.noise_level, self.steps)
-        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
+        if self.batch_size is not None and (not is_integer(self.batch_size) or self.batch_size < 1):
             raise WhatIsHealthyError(
                 f"batch_size must be an integer >= 1 (or None: the device's default), got "
                 f"{self.batch_size!r}"
             )
-        if not _is_int(self.inversion_refinements) or self.inversion_refinements < 0:
+        if not is_integer(self.inversion_refinements) or self.inversion_refinements < 0:
             raise WhatIsHealthyError(
                 f"inversion_refinements must be an integer >= 0, got {self.inversion_refinements!r}"
             )
@@ -197,7 +197,8 @@ def _check_method(method: Any, classifier_scale: Any) -> None:
             )
 
 
-def _is_int(value: Any) -> bool:
+def is_integer(value: Any) -> bool:
+    """An int or numpy integer, not a bool: what integer settings accept."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
@@ -211,7 +212,7 @@ def _check_noise_and_steps(noise_level: float, steps: int) -> None:
             "noise level must be in (0, 1] (a fraction of the diffusion length), "
             f"got {noise_level!r}"
         )
-    if not _is_int(steps) or steps < 1:
+    if not is_integer(steps) or steps < 1:
         raise WhatIsHealthyError(f"steps must be an integer >= 1, got {steps!r}")
 
 
@@ -509,7 +510,8 @@ def decode(
 # The public driver.
 
 
-def _model_device(model: Any) -> torch.device | None:
+def model_device(model: Any) -> torch.device | None:
+    """The device of a module's parameters (None: not a module, or no parameters)."""
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
             return p.device
@@ -577,7 +579,7 @@ def iter_counterfactual(
     if data.size and not np.isfinite(data).all():
         raise WhatIsHealthyError("the slices contain NaN or infinite values")
 
-    model_dev = _model_device(model)
+    model_dev = model_device(model)
     if settings.device == "auto" and model_dev is not None:
         device = model_dev
     else:
@@ -621,7 +623,7 @@ def _classifier_guide(
         index = target_class(cspec, spec, settings.target_label)
     else:
         index = int(settings.target_label)
-    classifier_dev = _model_device(classifier)
+    classifier_dev = model_device(classifier)
     if classifier_dev is not None and classifier_dev != device and not (
         classifier_dev.type == device.type and device.index is None
     ):

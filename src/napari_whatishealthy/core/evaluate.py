@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from .anomaly import healthy_percentile_threshold, make_mask, median_smooth
-from .counterfactual import Progress
+from .counterfactual import Progress, is_integer
 from .data import discover_cases
 from .errors import InputError, WhatIsHealthyError
 from .metrics import auprc, auroc, rank_scores, threshold_sweep
@@ -132,10 +132,6 @@ def _box(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
 def score_case(
     volume: Any,
     model: Any,
@@ -157,7 +153,7 @@ def score_case(
         )
     started = time.time()
     volume = volume.select(spec.modalities)
-    if not _is_int(z_stride) or z_stride < 1:
+    if not is_integer(z_stride) or z_stride < 1:
         raise WhatIsHealthyError(f"the slice stride must be an integer >= 1, got {z_stride!r}")
     prepared = prepare_input(volume.data, spec)
     z_slices = None if z_stride == 1 else prepared.slice_index[::z_stride].tolist()

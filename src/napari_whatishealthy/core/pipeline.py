@@ -43,7 +43,15 @@ import numpy as np
 import torch
 
 from .anomaly import difference_maps, make_mask, median_smooth, otsu_threshold
-from .counterfactual import AmpSetting, CounterfactualSettings, Progress, drain, iter_counterfactual
+from .counterfactual import (
+    AmpSetting,
+    CounterfactualSettings,
+    Progress,
+    drain,
+    is_integer,
+    iter_counterfactual,
+    model_device,
+)
 from .device import resolve_device
 from .errors import InputError, WhatIsHealthyError
 from .model import ModelSpec
@@ -90,10 +98,6 @@ def parse_threshold(value: float | str | None) -> float | str | None:
     if not math.isfinite(number) or number < 0:
         raise WhatIsHealthyError(f"threshold must be a finite number >= 0, got {value!r}")
     return number
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 @dataclass
@@ -150,15 +154,15 @@ class LocalizeSettings:
 
     def validate(self) -> None:
         parse_threshold(self.threshold)
-        if not _is_int(self.median_size) or self.median_size < 1:
+        if not is_integer(self.median_size) or self.median_size < 1:
             raise WhatIsHealthyError(
                 f"median_size must be an integer >= 1 (1: no smoothing), got {self.median_size!r}"
             )
-        if not _is_int(self.min_component_voxels) or self.min_component_voxels < 0:
+        if not is_integer(self.min_component_voxels) or self.min_component_voxels < 0:
             raise WhatIsHealthyError(
                 f"min_component_voxels must be an integer >= 0, got {self.min_component_voxels!r}"
             )
-        if self.seed is not None and not _is_int(self.seed):
+        if self.seed is not None and not is_integer(self.seed):
             raise WhatIsHealthyError(f"seed must be an integer, got {self.seed!r}")
         self.counterfactual_settings().validate()
 
@@ -348,13 +352,6 @@ def _restrict(prepared: PreparedVolume, z_slices: Iterable[int] | None) -> Prepa
     return prepared.restrict(wanted)
 
 
-def _model_device(model: Any, fallback: str) -> torch.device:
-    if isinstance(model, torch.nn.Module):
-        for p in model.parameters():
-            return p.device
-    return resolve_device(fallback)
-
-
 def iter_localize(
     model: Any,
     spec: ModelSpec,
@@ -393,7 +390,7 @@ def iter_localize(
     sub = _restrict(prepared, z_slices)
     guided_by = classifier if settings.method == "classifier" else None
     cf_settings = settings.counterfactual_settings(spec, guided_by)
-    device = _model_device(model, settings.device)
+    device = model_device(model) or resolve_device(settings.device)
     # iter_counterfactual checks the model, the slices and the settings now, not at next().
     inner = iter_counterfactual(model, sub.slices, cf_settings)
     classifier_info = None
