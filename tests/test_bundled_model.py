@@ -18,12 +18,17 @@ from napari_whatishealthy.core.volume import load_volume
 MAX_BYTES = 20 * 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def default_model():
+def _bundled(name: str):
+    """(folder, model, spec, sha256) of a bundled model, loaded on the CPU."""
     torch.set_num_threads(1)
-    path = registry.resolve_model("default")
+    path = registry.resolve_model(name)
     model, spec, digest = registry.load_model_cached(path, "cpu")
     return path, model, spec, digest
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return _bundled("default")
 
 
 def test_default_model_is_bundled_small_and_safe(default_model):
@@ -76,10 +81,7 @@ def test_headless_demo_writes_outputs_and_figure(tmp_path):
 
 @pytest.fixture(scope="module")
 def flair_model():
-    torch.set_num_threads(1)
-    path = registry.resolve_model("flair")
-    model, spec, digest = registry.load_model_cached(path, "cpu")
-    return path, model, spec, digest
+    return _bundled("flair")
 
 
 def test_flair_model_is_bundled_and_chosen_for_a_lone_flair(flair_model):
