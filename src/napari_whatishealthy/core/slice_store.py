@@ -48,6 +48,7 @@ import numpy as np
 
 from .errors import InputError
 from .model import HEALTHY, UNHEALTHY, ModelSpec
+from .output import sha256_file, write_file
 
 FORMAT = "napari-whatishealthy/slice-store/1"
 INDEX_FILE = "index.json"
@@ -130,14 +131,6 @@ def _stat(path: Path) -> dict[str, Any]:
     return {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _stat_key(case_dir: Path, files: dict[str, Path], prep: Preprocessing) -> str:
     """Names a finished part: the case, its files' stat and the preprocessing."""
     text = json.dumps([case_dir.name, {m: _stat(p) for m, p in files.items()}, prep.key()],
@@ -158,7 +151,7 @@ def _unchanged(case_dir: Path, record: dict[str, Any], prep: Preprocessing) -> b
         now = _stat(path)
         if now["name"] != old["name"] or now["size"] != old["size"]:
             return False
-        if now["mtime_ns"] != old["mtime_ns"] and _sha256(path) != old["sha256"]:
+        if now["mtime_ns"] != old["mtime_ns"] and sha256_file(path) != old["sha256"]:
             return False
     return True
 
@@ -179,7 +172,7 @@ def _build_part(case_dir: str, modalities: tuple[str, ...], size: int, part: str
 
     folder = Path(case_dir)
     files = _case_files(folder, modalities)
-    record_files = {m: {**_stat(p), "sha256": _sha256(p)} for m, p in files.items()}
+    record_files = {m: {**_stat(p), "sha256": sha256_file(p)} for m, p in files.items()}
     volume = load_volume(folder).select(modalities)
     if volume.segmentation is None:
         raise InputError(f"{folder}: no segmentation; training needs it for the slice labels")
@@ -187,10 +180,9 @@ def _build_part(case_dir: str, modalities: tuple[str, ...], size: int, part: str
     slices = prepared.slices.astype(np.float16)
     labels = slice_labels(volume.segmentation, prepared.slice_index)
     record = {"name": folder.name, "files": record_files, "rows": int(len(labels))}
-    target = Path(part)
-    tmp = target.with_name(target.name + ".tmp.npz")
-    np.savez(tmp, slices=slices, labels=labels, record=np.array(json.dumps(record)))
-    os.replace(tmp, target)
+    write_file(part, lambda tmp: np.savez(tmp, slices=slices, labels=labels,
+                                          record=np.array(json.dumps(record))),
+               inputs=files.values(), overwrite=True)
     return record
 
 
@@ -417,41 +409,42 @@ def _build(store: Path, case_dirs: list[Path], prep: Preprocessing, old_index: d
     _prepare_parts(todo, prep, workers, show_progress)
 
     # Assemble: one flat file, written through a temporary name.
-    records: list[dict] = []
-    total = 0
-    for kind, source in sources:
-        rows = source["rows"] if kind == "old" else _part_rows(source)
-        total += rows
+    total = sum(source["rows"] if kind == "old" else _part_rows(source)
+                for kind, source in sources)
     shape = (total, len(prep.modalities), prep.image_size, prep.image_size)
-    tmp = store / (SLICES_FILE + ".tmp")
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(prep.dtype), shape=shape)
     labels = np.zeros(total, dtype=np.int64)
     owners = np.zeros(total, dtype=np.int64)
-    row = 0
-    for i, (kind, source) in enumerate(sources):
-        if kind == "old":
-            first, n = source["first_row"], source["rows"]
-            block = old_store.read(np.arange(first, first + n))
-            block_labels = old_store.labels[first : first + n]
-            record = {k: v for k, v in source.items() if k not in ("first_row",)}
-        else:
-            block, block_labels, record = _read_part(source)
-            n = len(block_labels)
-        array[row : row + n] = block
-        labels[row : row + n] = block_labels
-        owners[row : row + n] = i
-        records.append({**record, "first_row": row, "rows": n})
-        row += n
-        if i % 64 == 63:  # write back as we go: memory stays one case, not the store
-            array.flush()
-    array.flush()
-    del array
+    records: list[dict] = []
+    inputs = [p for case in case_dirs for p in _case_files(case, prep.modalities).values()]
+
+    def assemble(tmp: Path) -> None:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(prep.dtype),
+                                          shape=shape)
+        row = 0
+        for i, (kind, source) in enumerate(sources):
+            if kind == "old":
+                first, n = source["first_row"], source["rows"]
+                block = old_store.read(np.arange(first, first + n))
+                block_labels = old_store.labels[first : first + n]
+                record = {k: v for k, v in source.items() if k != "first_row"}
+            else:
+                block, block_labels, record = _read_part(source)
+                n = len(block_labels)
+            array[row : row + n] = block
+            labels[row : row + n] = block_labels
+            owners[row : row + n] = i
+            records.append({**record, "first_row": row, "rows": n})
+            row += n
+            if i % 64 == 63:  # write back as we go: memory stays one case, not the store
+                array.flush()
+        array.flush()
+        del array
+
+    # One flat file, then the small arrays, then the index: its presence means complete.
+    write_file(store / SLICES_FILE, assemble, inputs, overwrite=True)
     old_store = None
-    os.replace(tmp, store / SLICES_FILE)
     for name, values in ((LABELS_FILE, labels), (OWNERS_FILE, owners)):
-        tmp_path = store / (name + ".tmp.npy")
-        np.save(tmp_path, values)
-        os.replace(tmp_path, store / name)
+        write_file(store / name, lambda tmp, v=values: np.save(tmp, v), inputs, overwrite=True)
     index = {
         "format": FORMAT,
         "preprocessing": prep.to_dict(),
@@ -462,9 +455,9 @@ def _build(store: Path, case_dirs: list[Path], prep: Preprocessing, old_index: d
         "finished_at": time.time(),
         "workers": workers,
     }
-    tmp_index = store / (INDEX_FILE + ".tmp")
-    tmp_index.write_text(json.dumps(index, indent=1))
-    os.replace(tmp_index, store / INDEX_FILE)
+    text = json.dumps(index, indent=1)
+    write_file(store / INDEX_FILE, lambda tmp: Path(tmp).write_text(text), inputs,
+               overwrite=True)
     shutil.rmtree(parts, ignore_errors=True)
     log(f"slice store {store}: {total} slices of {len(case_dirs)} cases, "
         f"{total * int(np.prod(shape[1:])) * np.dtype(prep.dtype).itemsize / 2**20:.0f} MiB, "

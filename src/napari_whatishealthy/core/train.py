@@ -51,6 +51,7 @@ from .model import (
     count_parameters,
     save_checkpoint,
 )
+from .runtime import sigterm_as_interrupt as _stop_on_sigterm
 from .slice_store import SliceStore
 
 _STARTED = time.time()  # a rebuilt store must be newer than this process (other ranks wait)
@@ -246,29 +247,6 @@ def validation_loss(
     return total / count
 
 
-@contextlib.contextmanager
-def _stop_on_sigterm():
-    """Turn SIGTERM (a cluster's preemption, ``kill``) into KeyboardInterrupt, so the run saves.
-
-    Background jobs ignore SIGINT, so SIGTERM is the signal that reaches a training run there.
-    """
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def train(config: TrainConfig, log: Callable[[str], None] = print, show_progress: bool = True) -> Path:
     """Train (or resume) and return the checkpoint folder; see the module docstring for files.
 
@@ -441,9 +419,9 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
 def save_state_atomic(state: dict, path: Path) -> None:
     """Write a resumable training state through a temporary file: an interrupted save keeps the
     previous state intact (read back with ``torch.load(weights_only=True)``)."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    from .output import write_file
+
+    write_file(path, lambda tmp: torch.save(state, tmp), overwrite=True)
 
 
 def read_log(out: str | Path) -> list[dict]:
