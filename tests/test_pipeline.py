@@ -391,9 +391,9 @@ def test_write_outputs_refuses_before_writing_and_cleans_up(tiny_checkpoint, cas
     assert sorted(p.name for p in out.iterdir()) == [paths["mask"].name]  # nothing new
     paths["mask"].unlink()
 
-    from napari_whatishealthy.core import volume as volume_mod
+    import nibabel as nib
 
-    real = volume_mod.save_on_source_grid
+    real = nib.save
     calls = []
 
     def flaky(*args, **kwargs):
@@ -402,7 +402,7 @@ def test_write_outputs_refuses_before_writing_and_cleans_up(tiny_checkpoint, cas
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(volume_mod, "save_on_source_grid", flaky)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(nib, "save", flaky)
+    with pytest.raises(InputError, match="mask.nii.gz: could not be written"):
         write_outputs(result, volume, out)
     assert list(out.iterdir()) == []  # the two files already written were removed

@@ -134,6 +134,10 @@ def _check_at_least_one(args: argparse.Namespace, *names: str) -> None:
 
 def _run_options(args: argparse.Namespace) -> dict:
     """The config fields every trainer takes from the shared options."""
+    from .core.output import check_folder, check_outside
+
+    check_outside(args.out, args.data)
+    check_folder(args.out)
     return dict(
         data=args.data, out=args.out, size=args.size,
         modalities=tuple(m.strip() for m in args.modalities.split(",") if m.strip()),
@@ -494,6 +498,19 @@ def _load_case(case: _Case, spec):
     return volume.select(spec.modalities)
 
 
+def _grid_voxels(case: _Case) -> int:
+    """Voxels of the case's source grid, from the first file's header (0 if unreadable: the
+    loader then says why)."""
+    import math
+
+    import nibabel as nib
+
+    try:
+        return math.prod(int(n) for n in nib.load(str(case.paths[0])).shape[:3])
+    except Exception:  # noqa: BLE001 - reading the image later gives the one-line reason
+        return 0
+
+
 def _add_localize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("localize", help="localize lesions: healthy counterfactual, difference "
                        "map and mask")
@@ -528,6 +545,7 @@ def _run_localize(args: argparse.Namespace) -> int:
     _check_method(args)
     # Each case's model, and every impossible output, before minutes of work.
     choices = [_choose_for_case(case, args.model) for case in cases]
+    guide_files = _files_in(args.classifier)
     for case, choice in zip(cases, choices, strict=True):
         parents = {p.resolve().parent for p in case.paths}
         if out.resolve() in parents:
@@ -537,7 +555,8 @@ def _run_localize(args: argparse.Namespace) -> int:
                 "back as part of the case)"
             )
         paths = output_paths(out, case.name, choice.spec.modalities, args.all_channels)
-        check_outputs(paths, case.paths, args.overwrite)
+        check_outputs(paths, [*case.paths, *_files_in(choice.folder), *guide_files],
+                      args.overwrite, voxels=_grid_voxels(case))
     for i, (case, choice) in enumerate(zip(cases, choices, strict=True)):
         model, spec, digest, folder, settings = _load_model(args, choice.folder)
         guide = _load_classifier(args, spec, settings)
@@ -552,7 +571,8 @@ def _run_localize(args: argparse.Namespace) -> int:
         finally:
             bar.close()
         paths = write_outputs(result, volume, out, overwrite=args.overwrite,
-                              all_channels=args.all_channels)
+                              all_channels=args.all_channels,
+                              inputs=[*_files_in(folder), *guide_files])
         voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
         flagged = int(result.mask.sum())
         for warning in result.warnings:
@@ -604,22 +624,41 @@ def _choose_for_data(args: argparse.Namespace) -> Path:
     return choice.folder
 
 
+def _files_in(folder: Path | str | None) -> list[Path]:
+    """The files of a checkpoint folder: inputs of the run, never written over."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    return [p for p in Path(folder).iterdir() if p.is_file()]
+
+
+def _data_files(data: str | Path) -> list[Path]:
+    """Every image of every case under ``data`` (inputs of the run)."""
+    from .core.data import discover_cases
+
+    return [p for folder in discover_cases(data) for p in folder.iterdir() if p.is_file()]
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .core.evaluate import evaluate, format_report
-    from .core.provenance import write_json_atomic
+    from .core.output import check_folder, check_target, write_json
 
     for name in ("cases", "calibration_cases", "z_stride"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise WhatIsHealthyError(f"--{name.replace('_', '-')} must be at least 1")
+    model_folder = _choose_for_data(args)
+    inputs = [*_data_files(args.data), *_files_in(model_folder)]
+    if args.calibration is not None:
+        inputs += _data_files(args.calibration)
+    if args.classifier is not None:
+        inputs += _files_in(Path(args.classifier))
     if args.json is not None:
         json_path = Path(args.json)
-        if json_path.exists() and not args.overwrite:
-            raise InputError(f"{json_path}: already exists; pass --overwrite or choose another "
-                             "name")
         if json_path.is_dir():
             raise InputError(f"{json_path}: is a folder; --json takes a file name")
-    model, spec, digest, folder, settings = _load_model(args, _choose_for_data(args))
+        check_target(json_path, inputs, args.overwrite)
+        check_folder(json_path.parent)
+    model, spec, digest, folder, settings = _load_model(args, model_folder)
     guide = _load_classifier(args, spec, settings)
     classifier_info = None
     if guide.classifier is not None:
@@ -650,7 +689,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
               f"{classifier_info['path']}")
     print(format_report(report))
     if args.json is not None:
-        write_json_atomic(report, args.json, overwrite=args.overwrite)
+        write_json(report, args.json, inputs, overwrite=args.overwrite)
         print(f"wrote {args.json}")
     return 0
 
@@ -734,9 +773,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         result = _drive(gen, bar)
     finally:
         bar.close()
-    paths = write_outputs(result, volume, out, overwrite=True)
+    paths = write_outputs(result, volume, out, overwrite=True, inputs=_files_in(folder))
     figure = out / f"{volume.name}_figure.png"
-    save_figure(volume, result, figure)
+    save_figure(volume, result, figure, inputs=_files_in(folder))
     print(f"sample {sample}: {int(result.mask.sum())} voxels flagged at threshold "
           f"{result.threshold_used:.4g}")
     for path in [*paths.values(), figure]:
@@ -816,9 +855,12 @@ def _figure_slices(volume, result, count: int = 3) -> list[int]:
     return sorted(out)[:count]
 
 
-def save_figure(volume, result, path: str | Path, tile: int = 200) -> Path:
+def save_figure(volume, result, path: str | Path, tile: int = 200, overwrite: bool = True,
+                inputs: Sequence[str | Path] = ()) -> Path:
     """A PNG of axial slices through the lesion: input FLAIR, healthy, difference, mask and the
-    ground truth (when the case has one). Neurological view: anterior up, right on the right."""
+    ground truth (when the case has one). Neurological view: anterior up, right on the right.
+    Never written over the volume's files or ``inputs``."""
+    inputs = (*volume.input_paths, *inputs)
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -884,16 +926,9 @@ def save_figure(volume, result, path: str | Path, tile: int = 200) -> Path:
     out = Image.new("RGB", (canvas.width, canvas.height + 18), (0, 0, 0))
     out.paste(canvas, (0, 0))
     ImageDraw.Draw(out).text((4, canvas.height + 2), footer, fill=(200, 200, 200))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        out.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    from .core.output import write_file
+
+    return write_file(path, lambda tmp: out.save(tmp, format="PNG"), inputs, overwrite)
 
 
 # --------------------------------------------------------------------------------------------
@@ -921,7 +956,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .core.runtime import tune_allocator
+    from .core.runtime import Terminated, sigterm_as_interrupt, tune_allocator
 
     tune_allocator()
     parser = build_parser()
@@ -931,7 +966,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     prefix = f"whatishealthy {args.command}"
     try:
-        return int(args.func(args) or 0)
+        with sigterm_as_interrupt():
+            return int(args.func(args) or 0)
     except WhatIsHealthyError as exc:
         print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -943,8 +979,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prefix}: error: out of memory; use a smaller --batch-size or fewer cases",
               file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"{prefix}: terminated (SIGTERM); earlier outputs are unchanged", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print(f"{prefix}: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted; earlier outputs are unchanged", file=sys.stderr)
         return 130
 
 

@@ -47,7 +47,7 @@ from .device import resolve_device
 from .errors import InputError, WhatIsHealthyError
 from .model import ModelSpec
 from .preprocess import PreparedVolume, prepare, to_slices
-from .provenance import make_provenance, write_json_atomic
+from .provenance import make_provenance
 from .settings import THRESHOLD_CHOICES, LocalizeSettings, parse_threshold
 
 __all__ = [
@@ -486,17 +486,27 @@ def output_paths(
     return paths
 
 
+def output_bytes(paths: dict[str, Path], voxels: int) -> int:
+    """An upper bound on the bytes :func:`write_outputs` writes for a source grid of ``voxels``
+    voxels (float32 maps and a uint8 mask, before compression), for the free-space check."""
+    floats = sum(1 for key in paths if key.startswith("healthy") or key == "difference")
+    return voxels * (4 * floats + 1) + 64 * 1024
+
+
 def check_outputs(
-    paths: dict[str, Path], protected: Iterable[str | Path] = (), overwrite: bool = False
+    paths: dict[str, Path], protected: Iterable[str | Path] = (), overwrite: bool = False,
+    voxels: int = 0,
 ) -> None:
     """Refuse, before any work, outputs that would replace an input or (without overwrite) an
-    existing file."""
-    sources = {Path(p).resolve() for p in protected if Path(p).exists()}
+    existing file, names the file system cannot hold, a folder that cannot be written, and
+    (given the source grid's ``voxels``) a disk without room for the outputs."""
+    from .output import OutputSet, check_folder
+
+    checker = OutputSet(protected, overwrite)
     for path in paths.values():
-        if path.resolve() in sources:
-            raise InputError(f"{path}: refusing to overwrite an input file; choose another --out")
-        if path.exists() and not overwrite:
-            raise InputError(f"{path}: already exists; pass --overwrite or choose another folder")
+        checker.check(path)
+    for folder in {p.parent for p in paths.values()}:
+        check_folder(folder, output_bytes(paths, voxels) if voxels else 0)
 
 
 def write_outputs(
@@ -506,44 +516,46 @@ def write_outputs(
     case: str | None = None,
     overwrite: bool = False,
     all_channels: bool = False,
+    inputs: Iterable[str | Path] = (),
 ) -> dict[str, Path]:
-    """Write a result on its volume's source grid (see :func:`output_paths` for the names).
+    """Write a result on its volume's source grid (see :func:`output_paths` for the names), as
+    one set.
 
-    ``volume`` is the :class:`~napari_whatishealthy.core.volume.Volume` the result came from.
+    ``volume`` is the :class:`~napari_whatishealthy.core.volume.Volume` the result came from;
+    its files and ``inputs`` (the model's, say) are never written over.
     ``<case>_healthy.nii.gz`` is the healthy image of the first model channel (FLAIR for the
-    default model); ``all_channels`` adds one file per channel. Every file is written through a
-    temporary file and renamed; all targets are checked before the first is written, and if
-    writing fails half way the files this call already wrote are removed again.
+    default model); ``all_channels`` adds one file per channel. All files are written to
+    temporary names and then renamed together, the provenance (with every output's SHA-256)
+    last (see :mod:`.output`): an error, Ctrl-C or SIGTERM leaves the previous set whole.
     """
-    from .volume import save_on_source_grid
+    import nibabel as nib
+
+    from .output import OutputSet, json_text, sha256_file
+    from .volume import on_source_grid
 
     case = case or volume.name
     paths = output_paths(out_dir, case, result.modalities, all_channels)
-    protected = tuple(volume.input_paths)
+    protected = (*volume.input_paths, *inputs)
     check_outputs(paths, protected, overwrite)
-    written: list[Path] = []
-    existed = {k: p.exists() for k, p in paths.items()}
-    try:
-        arrays: list[tuple[str, np.ndarray, type]] = [
-            ("healthy", result.healthy[0], np.float32),
-            ("difference", result.difference, np.float32),
-            ("mask", result.mask, np.uint8),
-        ]
-        for i, m in enumerate(result.modalities):
-            if f"healthy_{m}" in paths:
-                arrays.append((f"healthy_{m}", result.healthy[i], np.float32))
+    arrays: list[tuple[str, np.ndarray, type]] = [
+        ("healthy", result.healthy[0], np.float32),
+        ("difference", result.difference, np.float32),
+        ("mask", result.mask, np.uint8),
+    ]
+    for i, m in enumerate(result.modalities):
+        if f"healthy_{m}" in paths:
+            arrays.append((f"healthy_{m}", result.healthy[i], np.float32))
+    with OutputSet(protected, overwrite) as outputs:
+        digests: dict[str, str] = {}
         for key, array, dtype in arrays:
-            save_on_source_grid(array, volume, paths[key], dtype=dtype, overwrite=overwrite)
-            written.append(paths[key])
+            img = on_source_grid(array, volume, dtype)
+            temp = outputs.stage(paths[key], lambda tmp, img=img: nib.save(img, tmp))
+            digests[key] = sha256_file(temp)
         provenance = dict(result.provenance)
         provenance["outputs"] = {k: str(p.resolve()) for k, p in paths.items()}
+        provenance["output_sha256"] = digests
         provenance["healthy_channel"] = result.modalities[0] if result.modalities else None
-        write_json_atomic(provenance, paths["provenance"], overwrite=overwrite,
-                          protected=protected)
-        written.append(paths["provenance"])
-    except BaseException:
-        for key, path in paths.items():
-            if path in written and not existed[key]:
-                path.unlink(missing_ok=True)
-        raise
+        text = json_text(provenance)
+        outputs.stage(paths["provenance"], lambda tmp: Path(tmp).write_text(text))
+        outputs.commit()
     return paths

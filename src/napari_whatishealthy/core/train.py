@@ -43,6 +43,7 @@ from .model import (
     count_parameters,
     save_checkpoint,
 )
+from .runtime import sigterm_as_interrupt as _stop_on_sigterm
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
@@ -179,10 +180,9 @@ def _load_data(config: TrainConfig, dist_info: DistInfo, log: Callable[[str], No
     log(f"preparing {len(cases)} cases from {config.data}")
     slice_set = build_slice_set(cases, tuple(config.modalities), config.size)
     if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (CACHE_FILE + ".tmp.npz")
-        save_slice_set(slice_set, tmp)
-        tmp.replace(cache)
+        from .output import write_file
+
+        write_file(cache, lambda tmp: save_slice_set(slice_set, tmp), overwrite=True)
     return slice_set
 
 
@@ -222,29 +222,6 @@ def validation_loss(
         count += len(part)
     model.train()
     return total / count
-
-
-@contextlib.contextmanager
-def _stop_on_sigterm():
-    """Turn SIGTERM (a cluster's preemption, ``kill``) into KeyboardInterrupt, so the run saves.
-
-    Background jobs ignore SIGINT, so SIGTERM is the signal that reaches a training run there.
-    """
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def train(config: TrainConfig, log: Callable[[str], None] = print, show_progress: bool = True) -> Path:
@@ -419,9 +396,9 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
 def save_state_atomic(state: dict, path: Path) -> None:
     """Write a resumable training state through a temporary file: an interrupted save keeps the
     previous state intact (read back with ``torch.load(weights_only=True)``)."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    from .output import write_file
+
+    write_file(path, lambda tmp: torch.save(state, tmp), overwrite=True)
 
 
 def read_log(out: str | Path) -> list[dict]:
