@@ -83,6 +83,17 @@ def _add_training_data_options(p: argparse.ArgumentParser, of_model: str) -> Non
     p.add_argument("--modalities", default="flair,t1,t1ce,t2",
                    help=f"comma-separated channels in order{of_model}, e.g. flair for a "
                         "FLAIR-only model")
+    p.add_argument("--store", default=None,
+                   help="slice store folder: the prepared slices, built once and reused while "
+                        "DATA and the preprocessing are unchanged (default OUT/slice_store)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that build the slice store (default: the cores, at most 8)")
+    p.add_argument("--rebuild-store", action="store_true",
+                   help="rebuild the slice store even if it matches (e.g. one of other "
+                        "preprocessing at --store)")
+    p.add_argument("--in-memory", action="store_true",
+                   help="load the slice store into RAM on every process (faster steps for "
+                        "small cohorts; memory grows with the cohort)")
 
 
 def _add_network_options(p: argparse.ArgumentParser, network, what: str, example: str) -> None:
@@ -145,6 +156,8 @@ def _run_options(args: argparse.Namespace) -> dict:
         seed=args.seed, time_limit_min=args.time_limit, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, val_every=args.val_every, resume=args.resume,
         timestep_stride=args.timestep_stride, name=args.name,
+        store=args.store, workers=args.workers, rebuild_store=args.rebuild_store,
+        in_memory=args.in_memory,
     )
 
 
@@ -177,6 +190,8 @@ def _run_train(args: argparse.Namespace) -> int:
     channels, attention, groups = _parse_network(args, "32,64,128")
     _check_at_least_one(args, "steps", "batch", "size", "log_every", "val_every",
                         "checkpoint_every", "timestep_stride")
+    if args.workers is not None:
+        _check_at_least_one(args, "workers")
     network = NetworkSpec(channels=channels, attention_levels=attention,
                           num_res_blocks=args.res_blocks, norm_num_groups=groups,
                           num_head_channels=min(32, channels[-1]))
@@ -211,8 +226,8 @@ def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
                    help="train only on noise levels up to this fraction (default 1: all); "
                         "guidance then works for --noise up to it")
     p.add_argument("--slices", default=None,
-                   help="reuse a prepared slices.npz (e.g. the diffusion run's DIR/slices.npz) "
-                        "instead of preparing DATA again")
+                   help="reuse prepared slices instead of preparing DATA again: a slice store, a "
+                        "`train --out` folder holding one, or an earlier version's slices.npz")
     _add_run_options(p, "whatishealthy-classifier",
                      "seed; the same seed as `train` gives the same held-out cases")
     p.set_defaults(func=_run_train_classifier)
