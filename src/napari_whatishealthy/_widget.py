@@ -504,28 +504,25 @@ class LocalizeWidget(QWidget):
     def _show_generic_defaults(self) -> None:
         """Settings before any model is chosen: the spec defaults every model starts from, not
         the spin boxes' minimums (which would read as a choice)."""
-        from .core.model import InferenceDefaults
+        from .core.settings import LocalizeSettings
 
-        inf = InferenceDefaults()
-        self.guidance.setValue(float(inf.guidance))
-        self.noise_level.setValue(float(inf.noise_level))
-        self.steps.setValue(int(inf.steps))
-        self.min_size.setValue(int(inf.min_component_voxels))
+        self._show_settings(LocalizeSettings(), min_size=True)
 
     def reset_defaults(self) -> None:
         """Guidance, noise level, steps (and min component size) from the model's spec; the
         classifier scale from the classifier's spec."""
         if self._classifier_spec is not None:
             self.classifier_scale.setValue(float(self._classifier_spec.inference.scale))
-        if self._spec is None:
-            return
-        inf = self._spec.inference
-        self.guidance.setValue(float(inf.guidance))
-        self.noise_level.setValue(float(inf.noise_level))
-        self.steps.setValue(int(inf.steps))
-        if self._session is None:
+        if self._spec is not None:
+            self._show_settings(self._spec.inference, min_size=self._session is None)
+
+    def _show_settings(self, settings: Any, min_size: bool) -> None:
+        self.guidance.setValue(float(settings.guidance))
+        self.noise_level.setValue(float(settings.noise_level))
+        self.steps.setValue(int(settings.steps))
+        if min_size:
             self.min_size.blockSignals(True)
-            self.min_size.setValue(int(inf.min_component_voxels))
+            self.min_size.setValue(int(settings.min_component_voxels))
             self.min_size.blockSignals(False)
 
     # --------------------------------------------------------------------------------------------
