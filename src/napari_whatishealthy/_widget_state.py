@@ -24,7 +24,7 @@ from .core import metrics
 from .core.errors import WhatIsHealthyError
 from .core.volume import MODALITIES, modality_from_name
 
-RESULT_ROLES = ("healthy", "difference", "mask")
+RESULT_ROLES = ("healthy", "difference", "mask", "uncertainty")
 AUTO = "auto"  # the model combo's automatic choice: core.model_choice.AUTO
 
 
@@ -268,11 +268,7 @@ def prepare_for_display(result: Any, reference_channel: int = 0) -> None:
     result.zyx("brain")
     session.difference_range()
     session.display_limits()
-    from .core.lesions import difference_histogram
-
-    display_cache(result, "histogram", lambda: difference_histogram(
-        result.zyx("difference"), result.zyx("brain"), result.recommended_threshold,
-        top=session.difference_range()[1]))
+    session.histogram()
     display_cache(result, "first_mask", lambda: session.auto_mask(MaskParams(
         float(result.threshold_used), int(result.settings.min_component_voxels),
         bool(result.settings.brain_only))))
@@ -324,6 +320,14 @@ class ResultSession:
         top = float(inside.max()) if inside.size else 0.0
         top = max(top, 2.0 * float(self.result.threshold_used), 1e-3)
         return 0.0, top
+
+    def histogram(self) -> Any:
+        """The brain's difference histogram with its threshold markers (core.lesions)."""
+        from .core.lesions import difference_histogram
+
+        return display_cache(self.result, "histogram", lambda: difference_histogram(
+            self.result.zyx("difference"), self.result.zyx("brain"),
+            self.result.recommended_threshold, top=self.difference_range()[1]))
 
     def display_limits(self) -> tuple[float, float]:
         return display_cache(self.result, "display_limits", self._display_limits)
