@@ -257,6 +257,9 @@ def _run_train_classifier(args: argparse.Namespace) -> int:
 
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    from .core.settings import LocalizeSettings
+
+    defaults = LocalizeSettings()  # the run's own settings; the rest default to the model's
     g = p.add_argument_group("model and inference (defaults: the model's recommended settings)")
     g.add_argument("--model", default="auto",
                    help="auto (default: the bundled model the input's modalities fit: four "
@@ -281,12 +284,14 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                    help="in-plane median filter of the difference (1: none)")
     g.add_argument("--min-component", type=int, default=None, dest="min_component_voxels",
                    help="drop mask components smaller than this many voxels")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    g.add_argument("--device", default=defaults.device,
+                   help=f"auto, cpu, cuda or mps (default {defaults.device})")
     g.add_argument("--batch-size", type=int, default=None,
                    help="slices per network batch (default: 24 on a CPU, 256 on a GPU)")
-    g.add_argument("--amp", choices=["auto", "on", "off", "bf16", "fp16"], default="auto",
+    g.add_argument("--amp", choices=["auto", "on", "off", "bf16", "fp16"], default=defaults.amp,
                    help="autocast for the network (default auto: bf16 on CPU and CUDA)")
-    g.add_argument("--seed", type=int, default=0, help="torch seed (recorded in provenance)")
+    g.add_argument("--seed", type=int, default=defaults.seed,
+                   help="torch seed (recorded in provenance)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -312,30 +317,29 @@ def _load_model(args: argparse.Namespace, folder: Path | None = None):
     as named (``auto``: the bundled default).
     """
     from .core.model_choice import AUTO
-    from .core.pipeline import LocalizeSettings
     from .core.registry import DEFAULT_MODEL, load_model_cached, resolve_model
+    from .core.settings import LocalizeSettings
 
     method = _check_method(args)
     if folder is None:
         folder = resolve_model(DEFAULT_MODEL if args.model == AUTO else args.model)
     model, spec, digest = load_model_cached(folder, args.device)
-    amp = {"on": True, "off": False}.get(args.amp, args.amp)
-    settings = LocalizeSettings.from_spec(
-        spec,
-        method=method,
-        classifier_scale=args.classifier_scale,
-        guidance=args.guidance,
-        noise_level=args.noise_level,
-        steps=args.steps,
-        threshold=args.threshold,
-        median_size=args.median_size,
-        min_component_voxels=args.min_component_voxels,
-        batch_size=args.batch_size,
-        device=args.device,
-        amp=amp,
-        seed=args.seed,
-    )
+    settings = LocalizeSettings.from_spec(spec, **_settings_overrides(args), method=method)
     return model, spec, digest, folder, settings
+
+
+def _settings_overrides(args: argparse.Namespace) -> dict:
+    """The settings the inference options name (an option's ``dest`` is the settings field it
+    sets; None: the model's recommended value)."""
+    from dataclasses import fields
+
+    from .core.settings import LocalizeSettings
+
+    # --classifier names a checkpoint here; the settings' classifier is the loaded network.
+    names = {f.name for f in fields(LocalizeSettings)} - {"classifier", "method"}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    overrides["amp"] = {"on": True, "off": False}.get(args.amp, args.amp)
+    return overrides
 
 
 @dataclass
