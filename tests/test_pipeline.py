@@ -75,7 +75,7 @@ def test_settings_from_spec_and_overrides():
     assert s.threshold == "auto" and s.min_component_voxels == 2
     s = LocalizeSettings.from_spec(spec, guidance=None, steps=5, threshold="0.3")
     assert s.steps == 5 and s.threshold == 0.3 and s.guidance == spec.inference.guidance
-    assert s.counterfactual_settings(spec).steps == 5
+    assert s.target_label == spec.labels["healthy"]  # the diffusion part is in the same type
     with pytest.raises(WhatIsHealthyError, match="unknown setting"):
         LocalizeSettings.from_spec(spec, guidanse=2.0)
     with pytest.raises(WhatIsHealthyError, match="noise level"):

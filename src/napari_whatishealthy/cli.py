@@ -83,6 +83,17 @@ def _add_training_data_options(p: argparse.ArgumentParser, of_model: str) -> Non
     p.add_argument("--modalities", default="flair,t1,t1ce,t2",
                    help=f"comma-separated channels in order{of_model}, e.g. flair for a "
                         "FLAIR-only model")
+    p.add_argument("--store", default=None,
+                   help="slice store folder: the prepared slices, built once and reused while "
+                        "DATA and the preprocessing are unchanged (default OUT/slice_store)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that build the slice store (default: the cores, at most 8)")
+    p.add_argument("--rebuild-store", action="store_true",
+                   help="rebuild the slice store even if it matches (e.g. one of other "
+                        "preprocessing at --store)")
+    p.add_argument("--in-memory", action="store_true",
+                   help="load the slice store into RAM on every process (faster steps for "
+                        "small cohorts; memory grows with the cohort)")
 
 
 def _add_network_options(p: argparse.ArgumentParser, network, what: str, example: str) -> None:
@@ -145,6 +156,8 @@ def _run_options(args: argparse.Namespace) -> dict:
         seed=args.seed, time_limit_min=args.time_limit, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, val_every=args.val_every, resume=args.resume,
         timestep_stride=args.timestep_stride, name=args.name,
+        store=args.store, workers=args.workers, rebuild_store=args.rebuild_store,
+        in_memory=args.in_memory,
     )
 
 
@@ -177,6 +190,8 @@ def _run_train(args: argparse.Namespace) -> int:
     channels, attention, groups = _parse_network(args, "32,64,128")
     _check_at_least_one(args, "steps", "batch", "size", "log_every", "val_every",
                         "checkpoint_every", "timestep_stride")
+    if args.workers is not None:
+        _check_at_least_one(args, "workers")
     network = NetworkSpec(channels=channels, attention_levels=attention,
                           num_res_blocks=args.res_blocks, norm_num_groups=groups,
                           num_head_channels=min(32, channels[-1]))
@@ -211,8 +226,8 @@ def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
                    help="train only on noise levels up to this fraction (default 1: all); "
                         "guidance then works for --noise up to it")
     p.add_argument("--slices", default=None,
-                   help="reuse a prepared slices.npz (e.g. the diffusion run's DIR/slices.npz) "
-                        "instead of preparing DATA again")
+                   help="reuse prepared slices instead of preparing DATA again: a slice store, a "
+                        "`train --out` folder holding one, or an earlier version's slices.npz")
     _add_run_options(p, "whatishealthy-classifier",
                      "seed; the same seed as `train` gives the same held-out cases")
     p.set_defaults(func=_run_train_classifier)
@@ -242,6 +257,9 @@ def _run_train_classifier(args: argparse.Namespace) -> int:
 
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    from .core.settings import LocalizeSettings
+
+    defaults = LocalizeSettings()  # the run's own settings; the rest default to the model's
     g = p.add_argument_group("model and inference (defaults: the model's recommended settings)")
     g.add_argument("--model", default="auto",
                    help="auto (default: the bundled model the input's modalities fit: four "
@@ -266,12 +284,14 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                    help="in-plane median filter of the difference (1: none)")
     g.add_argument("--min-component", type=int, default=None, dest="min_component_voxels",
                    help="drop mask components smaller than this many voxels")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    g.add_argument("--device", default=defaults.device,
+                   help=f"auto, cpu, cuda or mps (default {defaults.device})")
     g.add_argument("--batch-size", type=int, default=None,
                    help="slices per network batch (default: 24 on a CPU, 256 on a GPU)")
-    g.add_argument("--amp", choices=["auto", "on", "off", "bf16", "fp16"], default="auto",
+    g.add_argument("--amp", choices=["auto", "on", "off", "bf16", "fp16"], default=defaults.amp,
                    help="autocast for the network (default auto: bf16 on CPU and CUDA)")
-    g.add_argument("--seed", type=int, default=0, help="torch seed (recorded in provenance)")
+    g.add_argument("--seed", type=int, default=defaults.seed,
+                   help="torch seed (recorded in provenance)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -297,30 +317,29 @@ def _load_model(args: argparse.Namespace, folder: Path | None = None):
     as named (``auto``: the bundled default).
     """
     from .core.model_choice import AUTO
-    from .core.pipeline import LocalizeSettings
     from .core.registry import DEFAULT_MODEL, load_model_cached, resolve_model
+    from .core.settings import LocalizeSettings
 
     method = _check_method(args)
     if folder is None:
         folder = resolve_model(DEFAULT_MODEL if args.model == AUTO else args.model)
     model, spec, digest = load_model_cached(folder, args.device)
-    amp = {"on": True, "off": False}.get(args.amp, args.amp)
-    settings = LocalizeSettings.from_spec(
-        spec,
-        method=method,
-        classifier_scale=args.classifier_scale,
-        guidance=args.guidance,
-        noise_level=args.noise_level,
-        steps=args.steps,
-        threshold=args.threshold,
-        median_size=args.median_size,
-        min_component_voxels=args.min_component_voxels,
-        batch_size=args.batch_size,
-        device=args.device,
-        amp=amp,
-        seed=args.seed,
-    )
+    settings = LocalizeSettings.from_spec(spec, **_settings_overrides(args), method=method)
     return model, spec, digest, folder, settings
+
+
+def _settings_overrides(args: argparse.Namespace) -> dict:
+    """The settings the inference options name (an option's ``dest`` is the settings field it
+    sets; None: the model's recommended value)."""
+    from dataclasses import fields
+
+    from .core.settings import LocalizeSettings
+
+    # --classifier names a checkpoint here; the settings' classifier is the loaded network.
+    names = {f.name for f in fields(LocalizeSettings)} - {"classifier", "method"}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    overrides["amp"] = {"on": True, "off": False}.get(args.amp, args.amp)
+    return overrides
 
 
 @dataclass

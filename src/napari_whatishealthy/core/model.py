@@ -80,7 +80,9 @@ class ScheduleSpec:
 
 @dataclass
 class InferenceDefaults:
-    """Recommended settings: what `localize` and the widget use when the user gives none."""
+    """A model's recommended settings, stored in its spec: what `localize` and the widget use
+    when the user gives none. Every default of these settings is written here, once; the
+    settings type of a run (``core.settings.LocalizeSettings``) extends this one."""
 
     guidance: float = 3.0
     noise_level: float = 0.5

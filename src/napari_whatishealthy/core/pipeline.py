@@ -32,7 +32,6 @@ in-plane (``median_size``) before thresholding; the mask is restricted to the br
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -43,20 +42,13 @@ import numpy as np
 import torch
 
 from .anomaly import difference_maps, make_mask, median_smooth, otsu_threshold
-from .counterfactual import (
-    AmpSetting,
-    CounterfactualSettings,
-    Progress,
-    drain,
-    is_integer,
-    iter_counterfactual,
-    model_device,
-)
+from .counterfactual import Progress, drain, iter_counterfactual, model_device
 from .device import resolve_device
 from .errors import InputError, WhatIsHealthyError
 from .model import ModelSpec
 from .preprocess import PreparedVolume, prepare, to_slices
 from .provenance import make_provenance
+from .settings import THRESHOLD_CHOICES, LocalizeSettings, parse_threshold
 
 __all__ = [
     "LocalizeResult",
@@ -72,121 +64,6 @@ __all__ = [
     "resolve_threshold",
     "write_outputs",
 ]
-
-THRESHOLD_CHOICES = ("auto", "otsu")
-
-
-def parse_threshold(value: float | str | None) -> float | str | None:
-    """A threshold setting from user text: a number >= 0, ``"auto"`` or ``"otsu"`` (None: None)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in THRESHOLD_CHOICES:
-            return text
-        try:
-            number = float(text)
-        except ValueError:
-            raise WhatIsHealthyError(
-                f"threshold {value!r} is not a number, 'auto' (the model's recommended value) "
-                "or 'otsu'"
-            ) from None
-    elif isinstance(value, bool):
-        raise WhatIsHealthyError(f"threshold must be a number, 'auto' or 'otsu', got {value!r}")
-    else:
-        number = float(value)
-    if not math.isfinite(number) or number < 0:
-        raise WhatIsHealthyError(f"threshold must be a finite number >= 0, got {value!r}")
-    return number
-
-
-@dataclass
-class LocalizeSettings:
-    """Every knob of one localization; :meth:`from_spec` takes the model's recommended values.
-
-    ``threshold``: a number (difference in normalised units), ``"auto"`` (the model spec's
-    recommended threshold) or ``"otsu"`` (Otsu's threshold of the difference inside the brain of
-    this volume). ``seed`` seeds torch before the run (DDIM with eta = 0 is deterministic; the
-    seed is recorded so that any stochastic variant stays reproducible). ``method``:
-    ``"implicit"`` (classifier-free guidance with ``guidance``) or ``"classifier"`` (classifier
-    guidance with scale ``classifier_scale``, None: the classifier's recommended scale; the
-    classifier itself is passed to :func:`iter_localize`).
-    """
-
-    guidance: float = 3.0
-    noise_level: float = 0.5
-    steps: int = 10
-    threshold: float | str = "auto"
-    median_size: int = 3
-    min_component_voxels: int = 20
-    dynamic_normalisation: bool = True
-    brain_only: bool = True
-    device: str = "auto"
-    batch_size: int | None = None  # None: the device's default (counterfactual.default_batch_size)
-    amp: AmpSetting = "auto"
-    seed: int | None = 0
-    method: str = "implicit"
-    classifier_scale: float | None = None
-
-    @classmethod
-    def from_spec(cls, spec: ModelSpec, **overrides: Any) -> LocalizeSettings:
-        """Settings from ``spec.inference``; overrides whose value is None are ignored."""
-        inf = spec.inference
-        base = cls(
-            guidance=inf.guidance,
-            noise_level=inf.noise_level,
-            steps=inf.steps,
-            threshold="auto",
-            median_size=inf.median_size,
-            min_component_voxels=inf.min_component_voxels,
-            dynamic_normalisation=inf.dynamic_normalisation,
-        )
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise WhatIsHealthyError(f"unknown setting(s) {unknown}; known: {sorted(known)}")
-        if "threshold" in overrides:
-            overrides["threshold"] = parse_threshold(overrides["threshold"])
-        settings = dataclasses.replace(base, **overrides)
-        settings.validate()
-        return settings
-
-    def validate(self) -> None:
-        parse_threshold(self.threshold)
-        if not is_integer(self.median_size) or self.median_size < 1:
-            raise WhatIsHealthyError(
-                f"median_size must be an integer >= 1 (1: no smoothing), got {self.median_size!r}"
-            )
-        if not is_integer(self.min_component_voxels) or self.min_component_voxels < 0:
-            raise WhatIsHealthyError(
-                f"min_component_voxels must be an integer >= 0, got {self.min_component_voxels!r}"
-            )
-        if self.seed is not None and not is_integer(self.seed):
-            raise WhatIsHealthyError(f"seed must be an integer, got {self.seed!r}")
-        self.counterfactual_settings().validate()
-
-    def counterfactual_settings(
-        self, spec: ModelSpec | None = None, classifier: Any = None
-    ) -> CounterfactualSettings:
-        """The settings of the diffusion part (target label from ``spec`` when given;
-        ``classifier`` for ``method="classifier"``)."""
-        values = dict(
-            guidance=self.guidance,
-            noise_level=self.noise_level,
-            steps=self.steps,
-            dynamic_normalisation=self.dynamic_normalisation,
-            batch_size=self.batch_size,
-            device=self.device,
-            amp=self.amp,
-            method=self.method,
-            classifier_scale=self.classifier_scale,
-            classifier=classifier,
-        )
-        if spec is not None:
-            return CounterfactualSettings.from_spec(spec, **values)
-        return CounterfactualSettings(**values)
-
 
 @dataclass
 class LocalizeResult:
@@ -388,11 +265,13 @@ def iter_localize(
     else:
         _matching_prepared(prepared, data, spec)
     sub = _restrict(prepared, z_slices)
-    guided_by = classifier if settings.method == "classifier" else None
-    cf_settings = settings.counterfactual_settings(spec, guided_by)
+    guided_by = (classifier or settings.classifier) if settings.method == "classifier" else None
+    # The classifier is a network, not a setting: the result and its provenance keep none.
+    settings = dataclasses.replace(settings, classifier=None)
     device = model_device(model) or resolve_device(settings.device)
     # iter_counterfactual checks the model, the slices and the settings now, not at next().
-    inner = iter_counterfactual(model, sub.slices, cf_settings)
+    inner = iter_counterfactual(model, sub.slices,
+                                dataclasses.replace(settings, classifier=guided_by))
     classifier_info = None
     if guided_by is not None:
         from .classifier import resolve_scale
@@ -469,7 +348,6 @@ def _run(
             "model_image_size": spec.image_size,
             "modalities": list(spec.modalities),
             "recommended_threshold": recommended,
-            "counterfactual": settings.counterfactual_settings(spec),
             "volume_shape": list(data.shape[1:]),
             "slices_processed": int(sub.slice_index.size),
             "z_slices": None if z_slices is None else [int(z) for z in z_slices],
