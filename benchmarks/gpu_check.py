@@ -122,7 +122,6 @@ def main() -> int:
         print(json.dumps(compile_row()))
         return 0
     from napari_whatishealthy.core.counterfactual import (
-        CounterfactualSettings,
         counterfactual,
         default_batch_size,
         timestep_plan,
@@ -137,7 +136,6 @@ def main() -> int:
     model, spec, description = load_model()
     data = load_volume()
     settings = LocalizeSettings.from_spec(spec, device=DEVICE)
-    cf_settings = settings.counterfactual_settings(spec)
     batch = settings.batch_size or default_batch_size(DEVICE)
     print(f"model: {description}; settings: L={settings.noise_level}, {settings.steps}+{settings.steps} "
           f"steps, guidance {settings.guidance}, amp {settings.amp}, batch {batch} per chunk, channels-last")
@@ -150,7 +148,7 @@ def main() -> int:
     print(f"volume: {list(data.shape[1:])}, {n_brain} brain slices of {n_all}; load + warm-up ...", flush=True)
     localize(model, spec, data, settings, prepared=prepared)  # warm-up: kernels for both shapes
     volume_s, _ = _timed(lambda: localize(model, spec, data, settings), repeats)
-    network_s, _ = _timed(lambda: counterfactual(model, prepared.slices, cf_settings), repeats)
+    network_s, _ = _timed(lambda: counterfactual(model, prepared.slices, settings), repeats)
     centre = int(prepared.slice_index[n_brain // 2])
     preview_s, _ = _timed(lambda: localize(model, spec, data, settings, z_slices=[centre],
                                            prepared=prepared), repeats)
@@ -158,7 +156,7 @@ def main() -> int:
                  f"network {network_s:.3f} s, preparing {prepare_s:.3f} s, rest "
                  f"{max(0.0, volume_s - network_s - prepare_s):.3f} s; one-slice preview "
                  f"(volume prepared) {preview_s:.3f} s"))
-    fp32 = CounterfactualSettings.from_spec(spec, device=DEVICE, amp=False)
+    fp32 = LocalizeSettings.from_spec(spec, device=DEVICE, amp=False)
     counterfactual(model, prepared.slices[:8], fp32)
     fp32_s, _ = _timed(lambda: counterfactual(model, prepared.slices, fp32), repeats)
     rows.append(("pipeline network only, float32", f"{n_brain}", fp32_s, "no autocast"))
