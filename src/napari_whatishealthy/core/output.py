@@ -139,17 +139,17 @@ def check_target(
     longer than the file system allows, or an existing file unless ``overwrite`` (and then not
     one with other hard links)."""
     path = Path(path)
-    identity = _identity if _identity is not None else _identities(inputs)
-    if _input_hit(path, identity):
-        raise InputError(f"{path}: refusing to overwrite an input file; choose another name")
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder; give a file name for the output")
     limit = _name_max(_existing_ancestor(path.parent))
     size = len(os.fsencode(path.name))
     if size > limit:
         raise InputError(f"{path.name[:40]}...: the output file name is {size} bytes, more than "
                          f"the {limit} the file system allows; use a shorter case name or file "
                          "name")
+    identity = _identity if _identity is not None else _identities(inputs)
+    if _input_hit(path, identity):
+        raise InputError(f"{path}: refusing to overwrite an input file; choose another name")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give a file name for the output")
     if path.is_symlink() or path.exists():
         if not overwrite:
             raise InputError(f"{path}: already exists; pass --overwrite or choose another folder")
