@@ -169,6 +169,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-dropout", type=float, default=0.15,
                    help="probability of the null label (classifier-free guidance)")
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="start from this model's weights (a bundled name such as default or "
+                        "flair, or a checkpoint folder) to continue or fine-tune it; its "
+                        "modalities, size and network must match this run's")
     _add_network_options(p, NetworkSpec(), "UNet", "0,0,1")
     p.add_argument("--timestep-stride", type=int, default=10,
                    help="train on timesteps 0, k, 2k, ... of 1000 (the method's 100-step "
@@ -187,8 +192,11 @@ def _run_train(args: argparse.Namespace) -> int:
     network = NetworkSpec(channels=channels, attention_levels=attention,
                           num_res_blocks=args.res_blocks, norm_num_groups=groups,
                           num_head_channels=min(32, channels[-1]))
+    if args.warmup < 0:
+        raise WhatIsHealthyError("--warmup must be 0 or more")
     config = TrainConfig(**_run_options(args), label_dropout=args.label_dropout,
-                         ema_decay=args.ema_decay, network=network)
+                         ema_decay=args.ema_decay, network=network, warmup=args.warmup,
+                         init_from=args.init_from)
     train(config, show_progress=not args.no_progress)
     return 0
 
