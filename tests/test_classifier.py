@@ -386,13 +386,13 @@ def test_cli_train_classifier_then_localize_and_evaluate(capsys, synthetic_cases
     assert clf.spec.training["steps"] == 3 and clf.spec.image_size == 16
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and "val_acc" in log[-1]
-    assert (run / "slices.npz").is_file()
+    assert (run / "slice_store" / "index.json").is_file()
     rc, _, err = _run(capsys, "train-classifier", synthetic_cases, "--out", run, "--size", 16)
     _one_line_error(rc, err, "train-classifier", "--resume")
-    # The same cache reused by --slices, and a cache that does not fit is refused.
+    # The same store reused by --store, and a store that does not fit is refused.
     rc, _, err = _run(capsys, "train-classifier", synthetic_cases, "--out", tmp_path / "r2",
-                      "--slices", run / "slices.npz", "--size", 32, "--steps", 1)
-    _one_line_error(rc, err, "train-classifier", "16x16")
+                      "--store", run / "slice_store", "--size", 32, "--steps", 1)
+    _one_line_error(rc, err, "train-classifier", "image_size: store 16, this run 32")
 
     out = tmp_path / "loc"
     rc, stdout, err = _run(capsys, "localize", case_dirs[0], "--out", out, "--model",

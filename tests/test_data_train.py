@@ -90,7 +90,7 @@ def test_short_training_lowers_the_loss_and_resumes(synthetic_cases, tmp_path):
     model = load_checkpoint(ckpt)  # loadable, and it says how it was trained
     assert model.spec.training["steps"] == 30
     assert model.spec.image_size == TINY_SIZE
-    assert (out / "slices.npz").exists()
+    assert (out / "slice_store" / "index.json").exists()
 
     with pytest.raises(WhatIsHealthyError, match="--resume"):
         train(_config(synthetic_cases, out), log=logs.append, show_progress=False)
@@ -126,6 +126,6 @@ def test_two_process_ddp_run(synthetic_cases, tmp_path):
     assert spec.training["world_size"] == 2
     assert spec.training["batch"] == 8
     assert sorted(p.name for p in out.iterdir()) == [
-        "checkpoint", "slices.npz", "train_log.jsonl", "train_state.pt",
+        "checkpoint", "slice_store", "train_log.jsonl", "train_state.pt",
     ]
     assert "world size 2" in proc.stdout + proc.stderr

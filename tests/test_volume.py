@@ -115,7 +115,7 @@ def test_atomic_write_leaves_no_temporary_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(volume_mod.nib, "save", failing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match="broken.nii.gz: could not be written"):
         save_on_source_grid(vol.data[0], vol, out_dir / "broken.nii.gz")
     assert [p.name for p in out_dir.iterdir()] == ["ok.nii.gz"]
 

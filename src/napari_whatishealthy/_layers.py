@@ -38,6 +38,7 @@ import nibabel as nib
 import numpy as np
 
 from .core.errors import InputError
+from .core.output import source_grid_image, write_nifti
 from .core.volume import (
     MODALITIES,
     Volume,
@@ -48,7 +49,6 @@ from .core.volume import (
     load_volume,
     modality_from_name,
     nifti_stem,
-    write_nifti_atomic,
 )
 
 UNITS = ("mm", "mm", "mm")
@@ -330,10 +330,12 @@ def write_mask(path: str | Path, data: Any, meta: dict[str, Any]) -> Path:
     path = nifti_output_path(path)
     metadata = dict(meta.get("metadata") or {})
     canonical = labels_to_uint8(from_napari(data))
+    if canonical.ndim != 3 or 0 in canonical.shape:
+        raise InputError(f"{path}: the layer has shape {tuple(np.shape(data))}; only a non-empty "
+                         "3D Labels layer can be saved as a NIfTI mask")
     protected = protected_paths(metadata)
     if metadata.get("source_affine") is not None and metadata.get("source_header") is not None:
-        source_affine = np.asarray(metadata["source_affine"], dtype=float)
-        header = header_from_metadata(metadata)
+        source_affine, header = _source_grid(path, metadata)
         stored = canonical_to_source(canonical, source_affine)
         stored_shape = metadata.get("source_shape") or header.get_data_shape()[:3]
         expected = tuple(int(s) for s in stored_shape)
@@ -343,24 +345,42 @@ def write_mask(path: str | Path, data: Any, meta: dict[str, Any]) -> Path:
                 f"the grid of its source {metadata.get('source_path')} {expected}; it cannot be "
                 "saved on the source grid"
             )
-        image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-        img = image_class(stored, source_affine, header)
-        img.set_data_dtype(np.uint8)
-        img.header.set_slope_inter(1, 0)
-        img.header["cal_min"] = 0
-        img.header["cal_max"] = 0
+        img = source_grid_image(stored, source_affine, header, np.uint8,
+                                "napari-whatishealthy mask")
     else:
         affine = napari_to_ras_affine(
             meta.get("scale"), meta.get("translate"), meta.get("rotate"), meta.get("shear"),
             meta.get("affine"),
         )
+        if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+            raise InputError(f"{path}: the layer's scale or transform is zero or not a number "
+                             f"(scale {tuple(meta.get('scale') or ())}); set a positive voxel "
+                             "size before saving")
         img = nib.Nifti1Image(np.ascontiguousarray(canonical), affine)
         img.set_data_dtype(np.uint8)
         img.header.set_xyzt_units("mm", "sec")
         img.header.set_qform(affine, code=1)
         img.header.set_sform(affine, code=1)
-    img.header["descrip"] = b"napari-whatishealthy mask"
-    return write_nifti_atomic(img, path, protected=protected, overwrite=True)
+        img.header["descrip"] = b"napari-whatishealthy mask"
+    return write_nifti(img, path, protected, overwrite=True)
+
+
+def _source_grid(path: Path, metadata: dict[str, Any]) -> tuple[np.ndarray, nib.Nifti1Header]:
+    """The source affine and header a layer's metadata carries, or a one-line refusal."""
+    try:
+        source_affine = np.asarray(metadata["source_affine"], dtype=float)
+        header = header_from_metadata(metadata)
+        usable = (source_affine.shape == (4, 4) and np.all(np.isfinite(source_affine))
+                  and abs(np.linalg.det(source_affine[:3, :3])) > 1e-12)
+    except (ValueError, TypeError, KeyError, OverflowError, nib.spatialimages.HeaderDataError,
+            nib.wrapstruct.WrapStructError) as exc:
+        raise InputError(f"{path}: the layer's source metadata is not usable ({exc}); save it "
+                         "from a layer this plugin opened, or remove its 'source_*' metadata") from None
+    if not usable or header is None:
+        raise InputError(f"{path}: the layer's source affine is not a finite, invertible 4x4 "
+                         "matrix; save it from a layer this plugin opened, or remove its "
+                         "'source_*' metadata")
+    return source_affine, header
 
 
 def default_mask_path(metadata: dict[str, Any] | None, layer_name: str) -> Path:

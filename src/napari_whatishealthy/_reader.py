@@ -42,5 +42,9 @@ def napari_get_reader(path: str | list[str]) -> ReaderFunction | None:
 
 def read(path: str | list[str]) -> list[LayerDataTuple]:
     """Layer data tuples for a NIfTI file, a case folder, or a list of them."""
+    from ._writer import prefer_this_writer
+
     paths = list(path) if isinstance(path, (list, tuple)) else [path]
-    return read_paths(paths)
+    layers = read_paths(paths)
+    prefer_this_writer()  # File > Save Selected Layers then defaults to NIfTI (see _writer)
+    return layers

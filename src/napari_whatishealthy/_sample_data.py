@@ -21,12 +21,18 @@ def sample_case_path() -> Path:
 
 def make_sample_data() -> list[LayerDataTuple]:
     """Layers of the sample case, as the reader gives them (four modalities and ``seg``)."""
+    from ._writer import prefer_this_writer
+
+    prefer_this_writer()
     return read_case_folder(SAMPLE_DIR, sample=True)
 
 
 def make_flair_sample_data() -> list[LayerDataTuple]:
     """The single-volume workflow: only the sample's FLAIR file (and its ``seg``), opened as the
     reader opens lone files. The widget's automatic model choice then picks the FLAIR model."""
+    from ._writer import prefer_this_writer
+
+    prefer_this_writer()
     layers = read_paths([SAMPLE_DIR / "Sample_flair.nii.gz", SAMPLE_DIR / "Sample_seg.nii.gz"])
     for _, kwargs, _ in layers:
         kwargs["metadata"]["sample"] = True

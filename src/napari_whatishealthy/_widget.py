@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -54,7 +55,7 @@ from ._widget_state import (
     match_modalities,
     pick_ground_truth,
 )
-from ._writer import save_layer
+from ._writer import prefer_this_writer, save_layer
 from .core.errors import WhatIsHealthyError
 from .core.volume import MODALITIES
 
@@ -119,7 +120,14 @@ TIPS = {
 
 
 def _layer_type_name(layer: Any) -> str:
-    return type(layer).__name__
+    # ``__class__``, not ``type()``: the manifest-docked widget gets napari's PublicOnlyProxy of
+    # a layer from ``viewer.layers[name]``, whose type() is the proxy's.
+    return layer.__class__.__name__
+
+
+def _layer_named(viewer: Any, name: str) -> Any:
+    """The layer itself (not a proxy) called ``name``, or None."""
+    return next((layer for layer in viewer.layers if layer.name == name), None)
 
 
 class LocalizeWidget(QWidget):
@@ -160,6 +168,7 @@ class LocalizeWidget(QWidget):
             layer.events.name.connect(self._on_layers_changed)
         self._populate_models()
         self._refresh_layer_choices()
+        prefer_this_writer()  # File > Save Selected Layers defaults to NIfTI (see _writer)
 
     # --------------------------------------------------------------------------------------------
     # Layout
@@ -495,28 +504,25 @@ class LocalizeWidget(QWidget):
     def _show_generic_defaults(self) -> None:
         """Settings before any model is chosen: the spec defaults every model starts from, not
         the spin boxes' minimums (which would read as a choice)."""
-        from .core.model import InferenceDefaults
+        from .core.settings import LocalizeSettings
 
-        inf = InferenceDefaults()
-        self.guidance.setValue(float(inf.guidance))
-        self.noise_level.setValue(float(inf.noise_level))
-        self.steps.setValue(int(inf.steps))
-        self.min_size.setValue(int(inf.min_component_voxels))
+        self._show_settings(LocalizeSettings(), min_size=True)
 
     def reset_defaults(self) -> None:
         """Guidance, noise level, steps (and min component size) from the model's spec; the
         classifier scale from the classifier's spec."""
         if self._classifier_spec is not None:
             self.classifier_scale.setValue(float(self._classifier_spec.inference.scale))
-        if self._spec is None:
-            return
-        inf = self._spec.inference
-        self.guidance.setValue(float(inf.guidance))
-        self.noise_level.setValue(float(inf.noise_level))
-        self.steps.setValue(int(inf.steps))
-        if self._session is None:
+        if self._spec is not None:
+            self._show_settings(self._spec.inference, min_size=self._session is None)
+
+    def _show_settings(self, settings: Any, min_size: bool) -> None:
+        self.guidance.setValue(float(settings.guidance))
+        self.noise_level.setValue(float(settings.noise_level))
+        self.steps.setValue(int(settings.steps))
+        if min_size:
             self.min_size.blockSignals(True)
-            self.min_size.setValue(int(inf.min_component_voxels))
+            self.min_size.setValue(int(settings.min_component_voxels))
             self.min_size.blockSignals(False)
 
     # --------------------------------------------------------------------------------------------
@@ -831,7 +837,46 @@ class LocalizeWidget(QWidget):
         self.status.setText("Starting…")
         self._update_run_enabled()
         self._timer.start()
+        self._watch_window_close()
         worker.start()
+
+    def _watch_window_close(self) -> None:
+        """Stop a run when the viewer's window closes (see :meth:`stop_worker`)."""
+        window = self.window()
+        watched = getattr(self, "_watched_window", None)
+        if window is not self and (watched is None or watched() is not window):
+            window.installEventFilter(self)
+            self._watched_window = weakref.ref(window)  # a strong one would keep the viewer
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
+        if event.type() == QEvent.Type.Close and self._worker is not None:
+            ref = getattr(self, "_watched_window", None)
+            if ref is not None and watched is ref():
+                self.stop_worker()
+        return super().eventFilter(watched, event)
+
+    def stop_worker(self, timeout_s: float = 60.0) -> bool:
+        """Quit a running job and wait (up to ``timeout_s``) until its thread has ended, so that
+        nothing emits into a closed window. The result of a run stopped so is dropped. Returns
+        whether no job is left running."""
+        worker = self._worker
+        if worker is None:
+            return True
+        self._cancel_requested = True
+        for signal in (worker.yielded, worker.returned, worker.aborted, worker.errored):
+            try:
+                signal.disconnect()
+            except (RuntimeError, TypeError):
+                pass
+        worker.quit()
+        deadline = time.monotonic() + timeout_s
+        from qtpy.QtWidgets import QApplication
+
+        while worker.is_running and time.monotonic() < deadline:
+            QApplication.processEvents()
+            time.sleep(0.01)
+        self._timer.stop()
+        return not worker.is_running
 
     def cancel(self) -> None:
         """Stop the run at its next step; the layers are left as they were."""
@@ -986,7 +1031,7 @@ class LocalizeWidget(QWidget):
         update: dict[str, Any],
     ) -> Any:
         """Update the layer called ``name`` in place, or add it with the source's geometry."""
-        existing = self.viewer.layers[name] if name in self.viewer.layers else None
+        existing = _layer_named(self.viewer, name)
         wanted = "Image" if kind == "image" else "Labels"
         if existing is not None and (
             _layer_type_name(existing) != wanted or tuple(existing.data.shape) != data.shape

@@ -94,6 +94,17 @@ def _add_training_data_options(p: argparse.ArgumentParser, of_model: str) -> Non
     p.add_argument("--modalities", default="flair,t1,t1ce,t2",
                    help=f"comma-separated channels in order{of_model}, e.g. flair for a "
                         "FLAIR-only model")
+    p.add_argument("--store", default=None,
+                   help="slice store folder: the prepared slices, built once and reused while "
+                        "DATA and the preprocessing are unchanged (default OUT/slice_store)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that build the slice store (default: the cores, at most 8)")
+    p.add_argument("--rebuild-store", action="store_true",
+                   help="rebuild the slice store even if it matches (e.g. one of other "
+                        "preprocessing at --store)")
+    p.add_argument("--in-memory", action="store_true",
+                   help="load the slice store into RAM on every process (faster steps for "
+                        "small cohorts; memory grows with the cohort)")
 
 
 def _add_network_options(p: argparse.ArgumentParser, network, what: str, example: str) -> None:
@@ -145,6 +156,10 @@ def _check_at_least_one(args: argparse.Namespace, *names: str) -> None:
 
 def _run_options(args: argparse.Namespace) -> dict:
     """The config fields every trainer takes from the shared options."""
+    from .core.output import check_folder, check_outside
+
+    check_outside(args.out, args.data)
+    check_folder(args.out)
     return dict(
         data=args.data, out=args.out, size=args.size,
         modalities=tuple(m.strip() for m in args.modalities.split(",") if m.strip()),
@@ -152,6 +167,8 @@ def _run_options(args: argparse.Namespace) -> dict:
         seed=args.seed, time_limit_min=args.time_limit, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, val_every=args.val_every, resume=args.resume,
         timestep_stride=args.timestep_stride, name=args.name,
+        store=args.store, workers=args.workers, rebuild_store=args.rebuild_store,
+        in_memory=args.in_memory,
     )
 
 
@@ -189,6 +206,8 @@ def _run_train(args: argparse.Namespace) -> int:
     channels, attention, groups = _parse_network(args, "32,64,128")
     _check_at_least_one(args, "steps", "batch", "size", "log_every", "val_every",
                         "checkpoint_every", "timestep_stride")
+    if args.workers is not None:
+        _check_at_least_one(args, "workers")
     network = NetworkSpec(channels=channels, attention_levels=attention,
                           num_res_blocks=args.res_blocks, norm_num_groups=groups,
                           num_head_channels=min(32, channels[-1]))
@@ -226,8 +245,8 @@ def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
                    help="train only on noise levels up to this fraction (default 1: all); "
                         "guidance then works for --noise up to it")
     p.add_argument("--slices", default=None,
-                   help="reuse a prepared slices.npz (e.g. the diffusion run's DIR/slices.npz) "
-                        "instead of preparing DATA again")
+                   help="reuse prepared slices instead of preparing DATA again: a slice store, a "
+                        "`train --out` folder holding one, or an earlier version's slices.npz")
     _add_run_options(p, "whatishealthy-classifier",
                      "seed; the same seed as `train` gives the same held-out cases")
     p.set_defaults(func=_run_train_classifier)
@@ -257,6 +276,9 @@ def _run_train_classifier(args: argparse.Namespace) -> int:
 
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    from .core.settings import LocalizeSettings
+
+    defaults = LocalizeSettings()  # the run's own settings; the rest default to the model's
     g = p.add_argument_group("model and inference (defaults: the model's recommended settings)")
     g.add_argument("--model", default="auto",
                    help="auto (default: the bundled model the input's modalities fit: four "
@@ -281,12 +303,14 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                    help="in-plane median filter of the difference (1: none)")
     g.add_argument("--min-component", type=int, default=None, dest="min_component_voxels",
                    help="drop mask components smaller than this many voxels")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    g.add_argument("--device", default=defaults.device,
+                   help=f"auto, cpu, cuda or mps (default {defaults.device})")
     g.add_argument("--batch-size", type=int, default=None,
                    help="slices per network batch (default: 24 on a CPU, 256 on a GPU)")
-    g.add_argument("--amp", choices=["auto", "on", "off", "bf16", "fp16"], default="auto",
+    g.add_argument("--amp", choices=["auto", "on", "off", "bf16", "fp16"], default=defaults.amp,
                    help="autocast for the network (default auto: bf16 on CPU and CUDA)")
-    g.add_argument("--seed", type=int, default=0, help="torch seed (recorded in provenance)")
+    g.add_argument("--seed", type=int, default=defaults.seed,
+                   help="torch seed (recorded in provenance)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -312,30 +336,29 @@ def _load_model(args: argparse.Namespace, folder: Path | None = None):
     as named (``auto``: the bundled default).
     """
     from .core.model_choice import AUTO
-    from .core.pipeline import LocalizeSettings
     from .core.registry import DEFAULT_MODEL, load_model_cached, resolve_model
+    from .core.settings import LocalizeSettings
 
     method = _check_method(args)
     if folder is None:
         folder = resolve_model(DEFAULT_MODEL if args.model == AUTO else args.model)
     model, spec, digest = load_model_cached(folder, args.device)
-    amp = {"on": True, "off": False}.get(args.amp, args.amp)
-    settings = LocalizeSettings.from_spec(
-        spec,
-        method=method,
-        classifier_scale=args.classifier_scale,
-        guidance=args.guidance,
-        noise_level=args.noise_level,
-        steps=args.steps,
-        threshold=args.threshold,
-        median_size=args.median_size,
-        min_component_voxels=args.min_component_voxels,
-        batch_size=args.batch_size,
-        device=args.device,
-        amp=amp,
-        seed=args.seed,
-    )
+    settings = LocalizeSettings.from_spec(spec, **_settings_overrides(args), method=method)
     return model, spec, digest, folder, settings
+
+
+def _settings_overrides(args: argparse.Namespace) -> dict:
+    """The settings the inference options name (an option's ``dest`` is the settings field it
+    sets; None: the model's recommended value)."""
+    from dataclasses import fields
+
+    from .core.settings import LocalizeSettings
+
+    # --classifier names a checkpoint here; the settings' classifier is the loaded network.
+    names = {f.name for f in fields(LocalizeSettings)} - {"classifier", "method"}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    overrides["amp"] = {"on": True, "off": False}.get(args.amp, args.amp)
+    return overrides
 
 
 @dataclass
@@ -509,6 +532,19 @@ def _load_case(case: _Case, spec):
     return volume.select(spec.modalities)
 
 
+def _grid_voxels(case: _Case) -> int:
+    """Voxels of the case's source grid, from the first file's header (0 if unreadable: the
+    loader then says why)."""
+    import math
+
+    import nibabel as nib
+
+    try:
+        return math.prod(int(n) for n in nib.load(str(case.paths[0])).shape[:3])
+    except Exception:  # noqa: BLE001 - reading the image later gives the one-line reason
+        return 0
+
+
 def _add_localize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("localize", help="localize lesions: healthy counterfactual, difference "
                        "map and mask")
@@ -543,6 +579,7 @@ def _run_localize(args: argparse.Namespace) -> int:
     _check_method(args)
     # Each case's model, and every impossible output, before minutes of work.
     choices = [_choose_for_case(case, args.model) for case in cases]
+    guide_files = _files_in(args.classifier)
     for case, choice in zip(cases, choices, strict=True):
         parents = {p.resolve().parent for p in case.paths}
         if out.resolve() in parents:
@@ -552,7 +589,8 @@ def _run_localize(args: argparse.Namespace) -> int:
                 "back as part of the case)"
             )
         paths = output_paths(out, case.name, choice.spec.modalities, args.all_channels)
-        check_outputs(paths, case.paths, args.overwrite)
+        check_outputs(paths, [*case.paths, *_files_in(choice.folder), *guide_files],
+                      args.overwrite, voxels=_grid_voxels(case))
     for i, (case, choice) in enumerate(zip(cases, choices, strict=True)):
         model, spec, digest, folder, settings = _load_model(args, choice.folder)
         guide = _load_classifier(args, spec, settings)
@@ -567,7 +605,8 @@ def _run_localize(args: argparse.Namespace) -> int:
         finally:
             bar.close()
         paths = write_outputs(result, volume, out, overwrite=args.overwrite,
-                              all_channels=args.all_channels)
+                              all_channels=args.all_channels,
+                              inputs=[*_files_in(folder), *guide_files])
         voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
         flagged = int(result.mask.sum())
         for warning in result.warnings:
@@ -619,22 +658,41 @@ def _choose_for_data(args: argparse.Namespace) -> Path:
     return choice.folder
 
 
+def _files_in(folder: Path | str | None) -> list[Path]:
+    """The files of a checkpoint folder: inputs of the run, never written over."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    return [p for p in Path(folder).iterdir() if p.is_file()]
+
+
+def _data_files(data: str | Path) -> list[Path]:
+    """Every image of every case under ``data`` (inputs of the run)."""
+    from .core.data import discover_cases
+
+    return [p for folder in discover_cases(data) for p in folder.iterdir() if p.is_file()]
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .core.evaluate import evaluate, format_report
-    from .core.provenance import write_json_atomic
+    from .core.output import check_folder, check_target, write_json
 
     for name in ("cases", "calibration_cases", "z_stride"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise WhatIsHealthyError(f"--{name.replace('_', '-')} must be at least 1")
+    model_folder = _choose_for_data(args)
+    inputs = [*_data_files(args.data), *_files_in(model_folder)]
+    if args.calibration is not None:
+        inputs += _data_files(args.calibration)
+    if args.classifier is not None:
+        inputs += _files_in(Path(args.classifier))
     if args.json is not None:
         json_path = Path(args.json)
-        if json_path.exists() and not args.overwrite:
-            raise InputError(f"{json_path}: already exists; pass --overwrite or choose another "
-                             "name")
         if json_path.is_dir():
             raise InputError(f"{json_path}: is a folder; --json takes a file name")
-    model, spec, digest, folder, settings = _load_model(args, _choose_for_data(args))
+        check_target(json_path, inputs, args.overwrite)
+        check_folder(json_path.parent)
+    model, spec, digest, folder, settings = _load_model(args, model_folder)
     guide = _load_classifier(args, spec, settings)
     classifier_info = None
     if guide.classifier is not None:
@@ -665,7 +723,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
               f"{classifier_info['path']}")
     print(format_report(report))
     if args.json is not None:
-        write_json_atomic(report, args.json, overwrite=args.overwrite)
+        write_json(report, args.json, inputs, overwrite=args.overwrite)
         print(f"wrote {args.json}")
     return 0
 
@@ -749,9 +807,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         result = _drive(gen, bar)
     finally:
         bar.close()
-    paths = write_outputs(result, volume, out, overwrite=True)
+    paths = write_outputs(result, volume, out, overwrite=True, inputs=_files_in(folder))
     figure = out / f"{volume.name}_figure.png"
-    save_figure(volume, result, figure)
+    save_figure(volume, result, figure, inputs=_files_in(folder))
     print(f"sample {sample}: {int(result.mask.sum())} voxels flagged at threshold "
           f"{result.threshold_used:.4g}")
     for path in [*paths.values(), figure]:
@@ -831,9 +889,12 @@ def _figure_slices(volume, result, count: int = 3) -> list[int]:
     return sorted(out)[:count]
 
 
-def save_figure(volume, result, path: str | Path, tile: int = 200) -> Path:
+def save_figure(volume, result, path: str | Path, tile: int = 200, overwrite: bool = True,
+                inputs: Sequence[str | Path] = ()) -> Path:
     """A PNG of axial slices through the lesion: input FLAIR, healthy, difference, mask and the
-    ground truth (when the case has one). Neurological view: anterior up, right on the right."""
+    ground truth (when the case has one). Neurological view: anterior up, right on the right.
+    Never written over the volume's files or ``inputs``."""
+    inputs = (*volume.input_paths, *inputs)
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -899,16 +960,9 @@ def save_figure(volume, result, path: str | Path, tile: int = 200) -> Path:
     out = Image.new("RGB", (canvas.width, canvas.height + 18), (0, 0, 0))
     out.paste(canvas, (0, 0))
     ImageDraw.Draw(out).text((4, canvas.height + 2), footer, fill=(200, 200, 200))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        out.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    from .core.output import write_file
+
+    return write_file(path, lambda tmp: out.save(tmp, format="PNG"), inputs, overwrite)
 
 
 # --------------------------------------------------------------------------------------------
@@ -936,7 +990,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .core.runtime import tune_allocator
+    from .core.runtime import Terminated, sigterm_as_interrupt, tune_allocator
 
     tune_allocator()
     parser = build_parser()
@@ -946,7 +1000,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     prefix = f"whatishealthy {args.command}"
     try:
-        return int(args.func(args) or 0)
+        with sigterm_as_interrupt():
+            return int(args.func(args) or 0)
     except WhatIsHealthyError as exc:
         print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -958,8 +1013,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prefix}: error: out of memory; use a smaller --batch-size or fewer cases",
               file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"{prefix}: terminated (SIGTERM); earlier outputs are unchanged", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print(f"{prefix}: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted; earlier outputs are unchanged", file=sys.stderr)
         return 130
 
 

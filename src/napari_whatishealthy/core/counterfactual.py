@@ -50,7 +50,6 @@ the classifier is not called and decoding is the unguided (``w = 0``) decoding, 
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import math
@@ -66,12 +65,11 @@ from .classifier import check_compatible, classifier_gradient, resolve_scale, ta
 from .device import resolve_device
 from .errors import WhatIsHealthyError
 from .model import HEALTHY, NULL, ModelSpec, ScheduleSpec
+from .settings import METHODS, AmpSetting, LocalizeSettings, check_noise_and_steps
 
 _log = logging.getLogger(__name__)
 
 Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-AmpSetting = bool | Literal["auto", "bf16", "fp16"]
-METHODS = ("implicit", "classifier")
 
 __all__ = [
     "CounterfactualSettings",
@@ -85,6 +83,7 @@ __all__ = [
     "drain",
     "dynamic_normalise",
     "invert",
+    "AmpSetting",
     "is_out_of_memory",
     "iter_counterfactual",
     "timestep_plan",
@@ -101,119 +100,9 @@ class Progress:
     phase: Literal["invert", "decode"]
 
 
-@dataclass
-class CounterfactualSettings:
-    """How to make the counterfactual; :meth:`from_spec` takes the model's recommended values.
-
-    ``amp``: ``"auto"`` uses bf16 autocast on CPU (about 3x faster for our UNet on this kind of
-    machine), bf16 (or fp16 where bf16 is unsupported) on CUDA, and none on MPS; ``True`` forces
-    autocast (fp16 on MPS), ``False`` turns it off, ``"bf16"``/``"fp16"`` pick the type.
-    ``inversion_refinements``: fixed-point iterations per inversion step (0 = plain DDIM, the
-    paper's method; 2-5 make the inversion round trip near exact at that many extra calls).
-    ``batch_size``: slices per chunk (decoding feeds the network twice that); None picks
-    :func:`default_batch_size` for the device. When a chunk runs out of memory it is redone with
-    half as many, down to one slice (see :func:`iter_counterfactual`).
-    ``method``: ``"implicit"`` (classifier-free guidance with weight ``guidance``, the paper's
-    method) or ``"classifier"`` (classifier guidance: ``classifier`` is a noisy-image classifier,
-    :class:`~.classifier.NoisyClassifier` or any ``classifier(x, t) -> logits``, and
-    ``classifier_scale`` its scale ``s``; None takes the classifier spec's recommended scale;
-    ``guidance`` is then unused).
-    """
-
-    guidance: float = 3.0
-    noise_level: float = 0.5
-    steps: int = 10
-    dynamic_normalisation: bool = True
-    target_label: int = HEALTHY
-    batch_size: int | None = None
-    device: str = "auto"
-    amp: AmpSetting = "auto"
-    inversion_refinements: int = 0
-    method: str = "implicit"
-    classifier_scale: float | None = None
-    classifier: Any = dataclasses.field(default=None, repr=False, compare=False)
-
-    @classmethod
-    def from_spec(cls, spec: ModelSpec, **overrides: Any) -> CounterfactualSettings:
-        """Settings from ``spec.inference``; ``overrides`` whose value is None are ignored.
-
-        Ignoring None lets a CLI pass its optional arguments straight through.
-        """
-        inf = spec.inference
-        base = cls(
-            guidance=inf.guidance,
-            noise_level=inf.noise_level,
-            steps=inf.steps,
-            dynamic_normalisation=inf.dynamic_normalisation,
-            target_label=spec.labels.get("healthy", HEALTHY),
-            # Not (yet) part of InferenceDefaults; read it if a spec carries it.
-            inversion_refinements=getattr(inf, "inversion_refinements", 0),
-        )
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise WhatIsHealthyError(
-                f"unknown counterfactual setting(s) {unknown}; known: {sorted(known)}"
-            )
-        return dataclasses.replace(base, **overrides)
-
-    def validate(self) -> None:
-        if not math.isfinite(float(self.guidance)):
-            raise WhatIsHealthyError(f"guidance must be a finite number, got {self.guidance!r}")
-        _check_noise_and_steps(self.noise_level, self.steps)
-        if self.batch_size is not None and (not is_integer(self.batch_size) or self.batch_size < 1):
-            raise WhatIsHealthyError(
-                f"batch_size must be an integer >= 1 (or None: the device's default), got "
-                f"{self.batch_size!r}"
-            )
-        if not is_integer(self.inversion_refinements) or self.inversion_refinements < 0:
-            raise WhatIsHealthyError(
-                f"inversion_refinements must be an integer >= 0, got {self.inversion_refinements!r}"
-            )
-        if self.amp not in ("auto", "bf16", "fp16", True, False):
-            raise WhatIsHealthyError(
-                f"amp must be auto, bf16, fp16, True or False, got {self.amp!r}"
-            )
-        _check_method(self.method, self.classifier_scale)
-
-
-def _check_method(method: Any, classifier_scale: Any) -> None:
-    """The guidance method and the classifier scale (the classifier itself is checked when the
-    counterfactual starts)."""
-    if method not in METHODS:
-        raise WhatIsHealthyError(
-            f"method must be one of {', '.join(METHODS)} (implicit: classifier-free guidance; "
-            f"classifier: classifier guidance), got {method!r}"
-        )
-    if classifier_scale is not None:
-        try:
-            ok = not isinstance(classifier_scale, bool) and math.isfinite(float(classifier_scale))
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise WhatIsHealthyError(
-                f"classifier_scale must be a finite number, got {classifier_scale!r}"
-            )
-
-
-def is_integer(value: Any) -> bool:
-    """An int or numpy integer, not a bool: what integer settings accept."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def _check_noise_and_steps(noise_level: float, steps: int) -> None:
-    try:
-        level = float(noise_level)
-    except (TypeError, ValueError):
-        level = float("nan")
-    if not (0.0 < level <= 1.0):
-        raise WhatIsHealthyError(
-            "noise level must be in (0, 1] (a fraction of the diffusion length), "
-            f"got {noise_level!r}"
-        )
-    if not is_integer(steps) or steps < 1:
-        raise WhatIsHealthyError(f"steps must be an integer >= 1, got {steps!r}")
+# The counterfactual reads the one settings type (core.settings); this name is kept for callers
+# of the counterfactual alone.
+CounterfactualSettings = LocalizeSettings
 
 
 def timestep_plan(schedule: ScheduleSpec, noise_level: float, steps: int) -> list[int]:
@@ -225,7 +114,7 @@ def timestep_plan(schedule: ScheduleSpec, noise_level: float, steps: int) -> lis
     with stride 10, L = 0.5 and 10 steps the plan is ``[50, 100, ..., 500]``. If fewer trained
     timesteps than ``steps`` lie at or below that level, all of them are used (``[0, 10, ...]``).
     """
-    _check_noise_and_steps(noise_level, steps)
+    check_noise_and_steps(noise_level, steps)
     trained = schedule.trained_timesteps().cpu().numpy().astype(np.int64)
     if trained.size == 0:
         raise WhatIsHealthyError("the schedule has no trained timesteps")
@@ -548,9 +437,7 @@ def iter_counterfactual(
     """
     spec: ModelSpec | None = getattr(model, "spec", None)
     if settings is None:
-        settings = (
-            CounterfactualSettings.from_spec(spec) if spec is not None else CounterfactualSettings()
-        )
+        settings = LocalizeSettings.from_spec(spec) if spec is not None else LocalizeSettings()
     settings.validate()
     if schedule is None:
         if spec is None:

@@ -50,6 +50,14 @@ class SliceSet:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.slices.shape)
+
+    def read(self, index: np.ndarray) -> np.ndarray:
+        """Slices ``index`` as a new array (the interface :class:`.slice_store.SliceStore` has)."""
+        return self.slices[np.asarray(index, dtype=np.int64)]
+
     def subset(self, case_ids: np.ndarray) -> SliceSet:
         keep = np.isin(self.case_of_slice, case_ids)
         return SliceSet(self.slices[keep], self.labels[keep], self.case_of_slice[keep], self.cases)

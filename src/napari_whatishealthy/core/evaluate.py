@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from .anomaly import healthy_percentile_threshold, make_mask, median_smooth
-from .counterfactual import Progress, is_integer
+from .counterfactual import Progress
 from .data import discover_cases
 from .errors import InputError, WhatIsHealthyError
 from .metrics import auprc, auroc, rank_scores, threshold_sweep
@@ -57,6 +57,7 @@ from .model import ModelSpec
 from .pipeline import LocalizeSettings, iter_localize, prepare_input
 from .preprocess import normalise
 from .provenance import jsonable, versions
+from .settings import is_integer
 
 FORMAT = "napari-whatishealthy/evaluation/1"
 METHODS = ("counterfactual", "flair_baseline")

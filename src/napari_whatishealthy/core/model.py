@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from .errors import WhatIsHealthyError
-from .volume import current_umask
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "spec.json"
@@ -81,7 +80,9 @@ class ScheduleSpec:
 
 @dataclass
 class InferenceDefaults:
-    """Recommended settings: what `localize` and the widget use when the user gives none."""
+    """A model's recommended settings, stored in its spec: what `localize` and the widget use
+    when the user gives none. Every default of these settings is written here, once; the
+    settings type of a run (``core.settings.LocalizeSettings``) extends this one."""
 
     guidance: float = 3.0
     noise_level: float = 0.5
@@ -192,24 +193,24 @@ def save_checkpoint(model: ConditionalUNet, directory: str | Path, spec: ModelSp
 
 
 def write_checkpoint_files(
-    network: torch.nn.Module, directory: str | Path, spec_json: str, weights_format: str
+    network: torch.nn.Module, directory: str | Path, spec_json: str, weights_format: str,
+    inputs: Iterable[str | Path] = (),
 ) -> Path:
     """The checkpoint writer of every network (diffusion model, classifier): the weights as
-    safetensors tagged with ``weights_format``, then ``spec_json``, each through a temporary
-    file and a rename, with the file modes of any other output."""
+    safetensors tagged with ``weights_format``, then ``spec_json``, written as one set (see
+    :mod:`.output`): a checkpoint is never half old, half new. ``inputs`` are never written
+    over."""
     from safetensors.torch import save_file
 
+    from .output import OutputSet
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
-    tmp_weights = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp_weights), metadata={"format": weights_format})
-    # safetensors creates the file private (0600); a checkpoint is shared like any output.
-    os.chmod(tmp_weights, 0o666 & ~current_umask())
-    tmp_weights.replace(directory / WEIGHTS_FILE)
-    tmp_spec = directory / (SPEC_FILE + ".tmp")
-    tmp_spec.write_text(spec_json)
-    tmp_spec.replace(directory / SPEC_FILE)
+    with OutputSet(inputs, overwrite=True) as outputs:
+        outputs.stage(directory / WEIGHTS_FILE,
+                      lambda tmp: save_file(state, str(tmp), metadata={"format": weights_format}))
+        outputs.stage(directory / SPEC_FILE, lambda tmp: Path(tmp).write_text(spec_json))
+        outputs.commit()
     return directory
 
 

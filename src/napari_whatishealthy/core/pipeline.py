@@ -32,7 +32,6 @@ in-plane (``median_size``) before thresholding; the mask is restricted to the br
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -43,20 +42,13 @@ import numpy as np
 import torch
 
 from .anomaly import difference_maps, make_mask, median_smooth, otsu_threshold
-from .counterfactual import (
-    AmpSetting,
-    CounterfactualSettings,
-    Progress,
-    drain,
-    is_integer,
-    iter_counterfactual,
-    model_device,
-)
+from .counterfactual import Progress, drain, iter_counterfactual, model_device
 from .device import resolve_device
 from .errors import InputError, WhatIsHealthyError
 from .model import ModelSpec
 from .preprocess import PreparedVolume, prepare, to_slices
-from .provenance import make_provenance, write_json_atomic
+from .provenance import make_provenance
+from .settings import THRESHOLD_CHOICES, LocalizeSettings, parse_threshold
 
 __all__ = [
     "LocalizeResult",
@@ -72,121 +64,6 @@ __all__ = [
     "resolve_threshold",
     "write_outputs",
 ]
-
-THRESHOLD_CHOICES = ("auto", "otsu")
-
-
-def parse_threshold(value: float | str | None) -> float | str | None:
-    """A threshold setting from user text: a number >= 0, ``"auto"`` or ``"otsu"`` (None: None)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in THRESHOLD_CHOICES:
-            return text
-        try:
-            number = float(text)
-        except ValueError:
-            raise WhatIsHealthyError(
-                f"threshold {value!r} is not a number, 'auto' (the model's recommended value) "
-                "or 'otsu'"
-            ) from None
-    elif isinstance(value, bool):
-        raise WhatIsHealthyError(f"threshold must be a number, 'auto' or 'otsu', got {value!r}")
-    else:
-        number = float(value)
-    if not math.isfinite(number) or number < 0:
-        raise WhatIsHealthyError(f"threshold must be a finite number >= 0, got {value!r}")
-    return number
-
-
-@dataclass
-class LocalizeSettings:
-    """Every knob of one localization; :meth:`from_spec` takes the model's recommended values.
-
-    ``threshold``: a number (difference in normalised units), ``"auto"`` (the model spec's
-    recommended threshold) or ``"otsu"`` (Otsu's threshold of the difference inside the brain of
-    this volume). ``seed`` seeds torch before the run (DDIM with eta = 0 is deterministic; the
-    seed is recorded so that any stochastic variant stays reproducible). ``method``:
-    ``"implicit"`` (classifier-free guidance with ``guidance``) or ``"classifier"`` (classifier
-    guidance with scale ``classifier_scale``, None: the classifier's recommended scale; the
-    classifier itself is passed to :func:`iter_localize`).
-    """
-
-    guidance: float = 3.0
-    noise_level: float = 0.5
-    steps: int = 10
-    threshold: float | str = "auto"
-    median_size: int = 3
-    min_component_voxels: int = 20
-    dynamic_normalisation: bool = True
-    brain_only: bool = True
-    device: str = "auto"
-    batch_size: int | None = None  # None: the device's default (counterfactual.default_batch_size)
-    amp: AmpSetting = "auto"
-    seed: int | None = 0
-    method: str = "implicit"
-    classifier_scale: float | None = None
-
-    @classmethod
-    def from_spec(cls, spec: ModelSpec, **overrides: Any) -> LocalizeSettings:
-        """Settings from ``spec.inference``; overrides whose value is None are ignored."""
-        inf = spec.inference
-        base = cls(
-            guidance=inf.guidance,
-            noise_level=inf.noise_level,
-            steps=inf.steps,
-            threshold="auto",
-            median_size=inf.median_size,
-            min_component_voxels=inf.min_component_voxels,
-            dynamic_normalisation=inf.dynamic_normalisation,
-        )
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise WhatIsHealthyError(f"unknown setting(s) {unknown}; known: {sorted(known)}")
-        if "threshold" in overrides:
-            overrides["threshold"] = parse_threshold(overrides["threshold"])
-        settings = dataclasses.replace(base, **overrides)
-        settings.validate()
-        return settings
-
-    def validate(self) -> None:
-        parse_threshold(self.threshold)
-        if not is_integer(self.median_size) or self.median_size < 1:
-            raise WhatIsHealthyError(
-                f"median_size must be an integer >= 1 (1: no smoothing), got {self.median_size!r}"
-            )
-        if not is_integer(self.min_component_voxels) or self.min_component_voxels < 0:
-            raise WhatIsHealthyError(
-                f"min_component_voxels must be an integer >= 0, got {self.min_component_voxels!r}"
-            )
-        if self.seed is not None and not is_integer(self.seed):
-            raise WhatIsHealthyError(f"seed must be an integer, got {self.seed!r}")
-        self.counterfactual_settings().validate()
-
-    def counterfactual_settings(
-        self, spec: ModelSpec | None = None, classifier: Any = None
-    ) -> CounterfactualSettings:
-        """The settings of the diffusion part (target label from ``spec`` when given;
-        ``classifier`` for ``method="classifier"``)."""
-        values = dict(
-            guidance=self.guidance,
-            noise_level=self.noise_level,
-            steps=self.steps,
-            dynamic_normalisation=self.dynamic_normalisation,
-            batch_size=self.batch_size,
-            device=self.device,
-            amp=self.amp,
-            method=self.method,
-            classifier_scale=self.classifier_scale,
-            classifier=classifier,
-        )
-        if spec is not None:
-            return CounterfactualSettings.from_spec(spec, **values)
-        return CounterfactualSettings(**values)
-
 
 @dataclass
 class LocalizeResult:
@@ -388,11 +265,13 @@ def iter_localize(
     else:
         _matching_prepared(prepared, data, spec)
     sub = _restrict(prepared, z_slices)
-    guided_by = classifier if settings.method == "classifier" else None
-    cf_settings = settings.counterfactual_settings(spec, guided_by)
+    guided_by = (classifier or settings.classifier) if settings.method == "classifier" else None
+    # The classifier is a network, not a setting: the result and its provenance keep none.
+    settings = dataclasses.replace(settings, classifier=None)
     device = model_device(model) or resolve_device(settings.device)
     # iter_counterfactual checks the model, the slices and the settings now, not at next().
-    inner = iter_counterfactual(model, sub.slices, cf_settings)
+    inner = iter_counterfactual(model, sub.slices,
+                                dataclasses.replace(settings, classifier=guided_by))
     classifier_info = None
     if guided_by is not None:
         from .classifier import resolve_scale
@@ -469,7 +348,6 @@ def _run(
             "model_image_size": spec.image_size,
             "modalities": list(spec.modalities),
             "recommended_threshold": recommended,
-            "counterfactual": settings.counterfactual_settings(spec),
             "volume_shape": list(data.shape[1:]),
             "slices_processed": int(sub.slice_index.size),
             "z_slices": None if z_slices is None else [int(z) for z in z_slices],
@@ -608,17 +486,27 @@ def output_paths(
     return paths
 
 
+def output_bytes(paths: dict[str, Path], voxels: int) -> int:
+    """An upper bound on the bytes :func:`write_outputs` writes for a source grid of ``voxels``
+    voxels (float32 maps and a uint8 mask, before compression), for the free-space check."""
+    floats = sum(1 for key in paths if key.startswith("healthy") or key == "difference")
+    return voxels * (4 * floats + 1) + 64 * 1024
+
+
 def check_outputs(
-    paths: dict[str, Path], protected: Iterable[str | Path] = (), overwrite: bool = False
+    paths: dict[str, Path], protected: Iterable[str | Path] = (), overwrite: bool = False,
+    voxels: int = 0,
 ) -> None:
     """Refuse, before any work, outputs that would replace an input or (without overwrite) an
-    existing file."""
-    sources = {Path(p).resolve() for p in protected if Path(p).exists()}
+    existing file, names the file system cannot hold, a folder that cannot be written, and
+    (given the source grid's ``voxels``) a disk without room for the outputs."""
+    from .output import OutputSet, check_folder
+
+    checker = OutputSet(protected, overwrite)
     for path in paths.values():
-        if path.resolve() in sources:
-            raise InputError(f"{path}: refusing to overwrite an input file; choose another --out")
-        if path.exists() and not overwrite:
-            raise InputError(f"{path}: already exists; pass --overwrite or choose another folder")
+        checker.check(path)
+    for folder in {p.parent for p in paths.values()}:
+        check_folder(folder, output_bytes(paths, voxels) if voxels else 0)
 
 
 def write_outputs(
@@ -628,44 +516,46 @@ def write_outputs(
     case: str | None = None,
     overwrite: bool = False,
     all_channels: bool = False,
+    inputs: Iterable[str | Path] = (),
 ) -> dict[str, Path]:
-    """Write a result on its volume's source grid (see :func:`output_paths` for the names).
+    """Write a result on its volume's source grid (see :func:`output_paths` for the names), as
+    one set.
 
-    ``volume`` is the :class:`~napari_whatishealthy.core.volume.Volume` the result came from.
+    ``volume`` is the :class:`~napari_whatishealthy.core.volume.Volume` the result came from;
+    its files and ``inputs`` (the model's, say) are never written over.
     ``<case>_healthy.nii.gz`` is the healthy image of the first model channel (FLAIR for the
-    default model); ``all_channels`` adds one file per channel. Every file is written through a
-    temporary file and renamed; all targets are checked before the first is written, and if
-    writing fails half way the files this call already wrote are removed again.
+    default model); ``all_channels`` adds one file per channel. All files are written to
+    temporary names and then renamed together, the provenance (with every output's SHA-256)
+    last (see :mod:`.output`): an error, Ctrl-C or SIGTERM leaves the previous set whole.
     """
-    from .volume import save_on_source_grid
+    import nibabel as nib
+
+    from .output import OutputSet, json_text, sha256_file
+    from .volume import on_source_grid
 
     case = case or volume.name
     paths = output_paths(out_dir, case, result.modalities, all_channels)
-    protected = tuple(volume.input_paths)
+    protected = (*volume.input_paths, *inputs)
     check_outputs(paths, protected, overwrite)
-    written: list[Path] = []
-    existed = {k: p.exists() for k, p in paths.items()}
-    try:
-        arrays: list[tuple[str, np.ndarray, type]] = [
-            ("healthy", result.healthy[0], np.float32),
-            ("difference", result.difference, np.float32),
-            ("mask", result.mask, np.uint8),
-        ]
-        for i, m in enumerate(result.modalities):
-            if f"healthy_{m}" in paths:
-                arrays.append((f"healthy_{m}", result.healthy[i], np.float32))
+    arrays: list[tuple[str, np.ndarray, type]] = [
+        ("healthy", result.healthy[0], np.float32),
+        ("difference", result.difference, np.float32),
+        ("mask", result.mask, np.uint8),
+    ]
+    for i, m in enumerate(result.modalities):
+        if f"healthy_{m}" in paths:
+            arrays.append((f"healthy_{m}", result.healthy[i], np.float32))
+    with OutputSet(protected, overwrite) as outputs:
+        digests: dict[str, str] = {}
         for key, array, dtype in arrays:
-            save_on_source_grid(array, volume, paths[key], dtype=dtype, overwrite=overwrite)
-            written.append(paths[key])
+            img = on_source_grid(array, volume, dtype)
+            temp = outputs.stage(paths[key], lambda tmp, img=img: nib.save(img, tmp))
+            digests[key] = sha256_file(temp)
         provenance = dict(result.provenance)
         provenance["outputs"] = {k: str(p.resolve()) for k, p in paths.items()}
+        provenance["output_sha256"] = digests
         provenance["healthy_channel"] = result.modalities[0] if result.modalities else None
-        write_json_atomic(provenance, paths["provenance"], overwrite=overwrite,
-                          protected=protected)
-        written.append(paths["provenance"])
-    except BaseException:
-        for key, path in paths.items():
-            if path in written and not existed[key]:
-                path.unlink(missing_ok=True)
-        raise
+        text = json_text(provenance)
+        outputs.stage(paths["provenance"], lambda tmp: Path(tmp).write_text(text))
+        outputs.commit()
     return paths

@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
-import os
 import platform
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
-
 FORMAT = "napari-whatishealthy/provenance/1"
 
-__all__ = ["FORMAT", "make_provenance", "versions", "write_json_atomic", "jsonable"]
+__all__ = ["FORMAT", "make_provenance", "versions", "jsonable"]
 
 
 def _version(module: str) -> str | None:
@@ -102,30 +97,3 @@ def make_provenance(
     if extra:
         record.update(jsonable(dict(extra)))
     return record
-
-
-def write_json_atomic(
-    data: Any,
-    path: str | Path,
-    overwrite: bool = False,
-    protected: Iterable[str | Path] = (),
-) -> Path:
-    """Write JSON through a temporary file and rename: never half-written, never over an input."""
-    path = Path(path)
-    target = path.resolve()
-    for source in protected:
-        if Path(source).exists() and target == Path(source).resolve():
-            raise InputError(f"{path}: refusing to overwrite an input file; choose another name")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path}: already exists; pass --overwrite or choose another folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(jsonable(data), fh, indent=2, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

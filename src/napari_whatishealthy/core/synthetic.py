@@ -40,7 +40,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from .volume import MODALITIES, canonical_to_source, write_nifti_atomic
+from .output import OutputSet
+from .volume import MODALITIES, canonical_to_source
 
 # Mean intensity of each tissue per modality, relative (BraTS-like contrasts).
 #                 csf    gm     wm
@@ -580,19 +581,20 @@ def write_case(
     overwrite: bool = False,
 ) -> Path:
     folder = Path(out) / name
-    folder.mkdir(parents=True, exist_ok=True)
     shape = segmentation.shape
     affine = brats_storage_affine(ras_affine, shape)
     arrays = {**images, "seg": segmentation}
-    for key, array in arrays.items():
-        stored = canonical_to_source(array, affine)
-        dtype = np.uint8 if key == "seg" else np.int16
-        img = nib.Nifti1Image(np.rint(stored).astype(dtype), affine)
-        img.set_data_dtype(dtype)
-        img.header.set_xyzt_units("mm", "sec")
-        img.header.set_qform(affine, code=1)
-        img.header.set_sform(affine, code=1)
-        write_nifti_atomic(img, folder / f"{name}_{key}.nii.gz", overwrite=overwrite)
+    with OutputSet(overwrite=overwrite) as outputs:  # the case's files appear together
+        for key, array in arrays.items():
+            stored = canonical_to_source(array, affine)
+            dtype = np.uint8 if key == "seg" else np.int16
+            img = nib.Nifti1Image(np.rint(stored).astype(dtype), affine)
+            img.set_data_dtype(dtype)
+            img.header.set_xyzt_units("mm", "sec")
+            img.header.set_qform(affine, code=1)
+            img.header.set_sform(affine, code=1)
+            outputs.stage(folder / f"{name}_{key}.nii.gz", lambda tmp, img=img: nib.save(img, tmp))
+        outputs.commit()
     return folder
 
 

@@ -11,7 +11,14 @@ Output folder layout:
     DIR/train_state.pt        raw weights, EMA, optimiser and step, for ``--resume``
                               (read back with ``torch.load(weights_only=True)``)
     DIR/train_log.jsonl       one line per log interval: step, loss, val loss, throughput
-    DIR/slices.npz            cached model-space slices and labels of the training cases
+    DIR/slice_store/          the model-space slices and labels of the cases (unless
+                              ``store`` names another folder): see :mod:`.slice_store`;
+                              built once in parallel, reused by a resume and by later runs
+                              (runs of earlier versions kept DIR/slices.npz, still read)
+
+Data: every rank reads its batches' rows from the one on-disk store (rank 0 builds it, the
+others wait for it), so a rank's memory does not grow with the cohort; ``in_memory`` loads the
+store into RAM on every rank instead (the earlier behaviour).
 """
 
 from __future__ import annotations
@@ -25,12 +32,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import SliceSet, build_slice_set, discover_cases, load_slice_set, save_slice_set
+from .data import SliceSet, discover_cases, load_slice_set
 from .errors import WhatIsHealthyError
 from .model import (
     HEALTHY,
@@ -43,10 +51,14 @@ from .model import (
     count_parameters,
     save_checkpoint,
 )
+from .runtime import sigterm_as_interrupt as _stop_on_sigterm
+from .slice_store import SliceStore
 
+_STARTED = time.time()  # a rebuilt store must be newer than this process (other ranks wait)
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
-CACHE_FILE = "slices.npz"
+CACHE_FILE = "slices.npz"  # the in-RAM cache of earlier versions (still read on resume)
+STORE_DIR = "slice_store"
 CHECKPOINT_DIR = "checkpoint"
 
 
@@ -77,6 +89,10 @@ class TrainConfig:
     network: NetworkSpec = field(default_factory=NetworkSpec)
     timestep_stride: int = 10
     name: str = "whatishealthy"
+    store: str | None = None  # slice store folder (None: DIR/slice_store)
+    workers: int | None = None  # processes building the store (None: the cores, at most 8)
+    rebuild_store: bool = False
+    in_memory: bool = False  # load the store into RAM on every rank
 
 
 @dataclass
@@ -206,21 +222,36 @@ def _split_cases(n_cases: int, val_fraction: float, seed: int) -> tuple[np.ndarr
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def _load_data(config: TrainConfig, dist_info: DistInfo, log: Callable[[str], None]) -> SliceSet:
-    """Slices of all cases, cached in DIR/slices.npz so that a resume starts at once."""
+def _load_data(config: Any, dist_info: Any, log: Callable[[str], None],
+               show_progress: bool = True) -> SliceSet | SliceStore:
+    """The training slices: the slice store (built by rank 0 once; the other ranks wait for
+    it), or the in-RAM cache of a run made by an earlier version."""
+    from .slice_store import Preprocessing, open_or_build, wait_for_store
+
     out = Path(config.out)
-    cache = out / CACHE_FILE
-    if cache.exists():
-        return load_slice_set(cache)
+    legacy = out / CACHE_FILE
+    if legacy.exists():
+        return load_slice_set(legacy)
     cases = discover_cases(config.data)
-    log(f"preparing {len(cases)} cases from {config.data}")
-    slice_set = build_slice_set(cases, tuple(config.modalities), config.size)
+    prep = Preprocessing(int(config.size), tuple(config.modalities))
+    folder = Path(config.store) if getattr(config, "store", None) else out / STORE_DIR
+    rebuild = bool(getattr(config, "rebuild_store", False))
     if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (CACHE_FILE + ".tmp.npz")
-        save_slice_set(slice_set, tmp)
-        tmp.replace(cache)
-    return slice_set
+        store = open_or_build(folder, cases, prep, workers=getattr(config, "workers", None),
+                              rebuild=rebuild, log=log, show_progress=show_progress)
+    else:
+        store = wait_for_store(folder, cases, prep, not_before=_STARTED if rebuild else None)
+    if getattr(config, "in_memory", False):
+        return SliceSet(store.load(), store.labels, store.case_of_slice, store.cases)
+    return store
+
+
+def _store_info(slices: SliceSet | SliceStore) -> dict[str, Any]:
+    """What the model card says of the training slices: where, how many, how large."""
+    if isinstance(slices, SliceStore):
+        return {"path": str(slices.path.resolve()), "slices": len(slices),
+                "mib": round(slices.nbytes / 2**20, 1)}
+    return {"path": None, "slices": len(slices), "mib": round(slices.slices.nbytes / 2**20, 1)}
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -233,7 +264,7 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 @torch.no_grad()
 def validation_loss(
     model: torch.nn.Module,
-    val: SliceSet,
+    val: SliceSet | SliceStore,
     alphas_cumprod: torch.Tensor,
     timesteps: torch.Tensor,
     device: torch.device,
@@ -250,7 +281,7 @@ def validation_loss(
     total, count = 0.0, 0
     for start in range(0, len(index), batch):
         part = index[start : start + batch]
-        x0 = torch.from_numpy(val.slices[part].astype(np.float32)).to(device)
+        x0 = torch.from_numpy(val.read(part).astype(np.float32)).to(device)
         labels = torch.from_numpy(val.labels[part]).to(device)
         with _autocast(device, amp):
             loss = diffusion_loss(model, x0, labels, alphas_cumprod, timesteps, generator)
@@ -258,29 +289,6 @@ def validation_loss(
         count += len(part)
     model.train()
     return total / count
-
-
-@contextlib.contextmanager
-def _stop_on_sigterm():
-    """Turn SIGTERM (a cluster's preemption, ``kill``) into KeyboardInterrupt, so the run saves.
-
-    Background jobs ignore SIGINT, so SIGTERM is the signal that reaches a training run there.
-    """
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def train(config: TrainConfig, log: Callable[[str], None] = print, show_progress: bool = True) -> Path:
@@ -325,7 +333,7 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
         before = int(base.training.get("total_steps", base.training.get("steps", 0)))
         init_record = {"model": str(config.init_from), "sha256": checkpoint_hash(folder), "steps": before}
         log(f"starting from {config.init_from} ({folder}, {before} steps)")
-    slice_set = _load_data(config, dist_info, log)
+    slice_set = _load_data(config, dist_info, log, show_progress)
     train_cases, val_cases = _split_cases(len(slice_set.cases), config.val_fraction, config.seed)
     train_set, val_set = slice_set.subset(train_cases), slice_set.subset(val_cases)
     log(f"slices: train {train_set.counts()} from {len(train_cases)} cases, "
@@ -371,6 +379,9 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
             "batch": config.batch * dist_info.world,
             "wall_time_s": round(elapsed_before + time.time() - started, 1),
             "data": str(config.data),
+            "image_size": config.size,
+            "modalities": list(config.modalities),
+            "slice_store": _store_info(slice_set),
             "cases": {"train": len(train_cases), "validation": len(val_cases)},
             "slices": {"train": train_set.counts(), "validation": val_set.counts()},
             "label_dropout": config.label_dropout,
@@ -409,7 +420,8 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
     log_file = open(out / LOG_FILE, "a") if dist_info.is_main else None  # noqa: SIM115
     # On a GPU the training slices live there (float16), so that batches cost no host copies.
     slices_on_device = (
-        torch.from_numpy(train_set.slices).to(device) if device.type == "cuda" else None
+        torch.from_numpy(train_set.read(np.arange(len(train_set)))).to(device)
+        if device.type == "cuda" else None
     )
     model.train()
     window_loss, window_n, window_t = 0.0, 0, time.time()
@@ -422,7 +434,7 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
             if slices_on_device is not None:
                 x0 = slices_on_device[torch.from_numpy(index).to(device)].float()
             else:
-                x0 = torch.from_numpy(train_set.slices[index].astype(np.float32))
+                x0 = torch.from_numpy(train_set.read(index).astype(np.float32))
             if torch.rand((), generator=generator, device=generator.device) < 0.5:
                 x0 = x0.flip(-2)  # left-right flip: brains are roughly symmetric
             labels = torch.from_numpy(train_set.labels[index].copy()).to(generator.device)
@@ -481,9 +493,9 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
 def save_state_atomic(state: dict, path: Path) -> None:
     """Write a resumable training state through a temporary file: an interrupted save keeps the
     previous state intact (read back with ``torch.load(weights_only=True)``)."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    from .output import write_file
+
+    write_file(path, lambda tmp: torch.save(state, tmp), overwrite=True)
 
 
 def read_log(out: str | Path) -> list[dict]:

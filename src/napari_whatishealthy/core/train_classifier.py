@@ -2,7 +2,7 @@
 
 The same data pipeline as the diffusion model (:mod:`.train`): BraTS-layout cases, image-level
 slice labels, the same case split (same seed and validation fraction give the same held-out
-cases), balanced healthy/unhealthy batches, left-right flips, and the ``slices.npz`` cache. Each
+cases), balanced healthy/unhealthy batches, left-right flips, and the slice store. Each
 clean slice is noised to a timestep drawn from the diffusion schedule's trained timesteps
 (``x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps``) and the classifier learns ``p(label | x_t, t)`` with
 cross-entropy, as in Dhariwal & Nichol and Wolleb et al.
@@ -11,7 +11,8 @@ Output folder layout (like ``train``):
     DIR/checkpoint/           weights + spec: what ``--classifier DIR`` loads
     DIR/train_state.pt        weights, optimiser and step for ``--resume`` (weights_only load)
     DIR/train_log.jsonl       step, loss, accuracy, validation loss and accuracy per noise band
-    DIR/slices.npz            cached model-space slices and labels (unless ``slices`` is given)
+    DIR/slice_store/          model-space slices and labels (unless ``store`` or ``slices``
+                              names one, e.g. the diffusion run's: see :mod:`.slice_store`)
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ class ClassifierTrainConfig:
     timestep_stride: int = 10
     max_noise: float = 1.0  # train on timesteps up to max_noise * T
     slices: str | None = None  # reuse a slices.npz (e.g. the diffusion run's) instead of DATA
+    store: str | None = None  # slice store folder (None: DIR/slice_store), as in train
+    workers: int | None = None
+    rebuild_store: bool = False
+    in_memory: bool = False
     name: str = "whatishealthy-classifier"
 
 
@@ -125,7 +130,7 @@ def evaluate_classifier(
     losses, correct, ts = [], [], []
     for start in range(0, len(index), batch):
         part = index[start : start + batch]
-        x0 = torch.from_numpy(val.slices[part].astype(np.float32)).to(device)
+        x0 = torch.from_numpy(val.read(part).astype(np.float32)).to(device)
         labels = torch.from_numpy(val.labels[part]).to(device)
         with _autocast(device, amp):
             _, logits, t = classifier_loss(model, x0, labels, alphas_cumprod, timesteps,
@@ -147,24 +152,36 @@ def evaluate_classifier(
 
 def _load_slices(config: ClassifierTrainConfig, log: Callable[[str], None]) -> SliceSet:
     if config.slices is None:
-        return _load_data(config, _Main(), log)  # DATA -> DIR/slices.npz, as `train` does
+        return _load_data(config, _Main(), log)  # DATA -> the slice store, as `train` does
     path = Path(config.slices)
+    from .slice_store import INDEX_FILE, SliceStore
+    from .train import STORE_DIR
+
+    for folder in (path, path / STORE_DIR):  # a store, or a `train --out` folder holding one
+        if (folder / INDEX_FILE).is_file():
+            store = SliceStore(folder)
+            _check_shape(folder, store.shape, config)
+            log(f"using the slice store {folder}")
+            return store
     if path.is_dir():
         path = path / CACHE_FILE
     if not path.is_file():
-        raise WhatIsHealthyError(f"{path}: no slices.npz here (the cache `train` writes)")
+        raise WhatIsHealthyError(f"{path}: no slice store (index.json) or slices.npz here")
     try:
         slice_set = load_slice_set(path)
     except (OSError, ValueError, KeyError) as exc:
         raise WhatIsHealthyError(f"{path}: not a readable slices cache ({exc})") from exc
-    shape = slice_set.slices.shape
-    if shape[1:] != (len(config.modalities), config.size, config.size):
+    _check_shape(path, slice_set.slices.shape, config)
+    log(f"using the cached slices in {path}")
+    return slice_set
+
+
+def _check_shape(path: Path, shape: tuple[int, ...], config: ClassifierTrainConfig) -> None:
+    if tuple(shape[1:]) != (len(config.modalities), config.size, config.size):
         raise WhatIsHealthyError(
             f"{path}: its slices are {shape[1]} channels at {shape[2]}x{shape[3]}, the "
             f"classifier is asked for {len(config.modalities)} at {config.size}x{config.size}"
         )
-    log(f"using the cached slices in {path}")
-    return slice_set
 
 
 class _Main:
@@ -286,7 +303,7 @@ def _train(config: ClassifierTrainConfig, log: Callable[[str], None],
                     log(f"time limit of {config.time_limit_min} min reached at step {step}")
                     break
                 index = sampler.sample(config.batch)
-                x0 = torch.from_numpy(train_set.slices[index].astype(np.float32))
+                x0 = torch.from_numpy(train_set.read(index).astype(np.float32))
                 if torch.rand((), generator=generator) < 0.5:
                     x0 = x0.flip(-2)  # left-right flip, as for the diffusion model
                 labels = torch.from_numpy(train_set.labels[index].copy())

@@ -9,9 +9,8 @@ Loading is the boundary where bad input is stopped: every problem with a file be
 what is wrong and what to do (see ``docs/inputs.md``). The headers of all files of a case are
 checked (type, shape, data type, affine, grid, size bound) before any voxel is read.
 
-Writing never loses data: outputs go to a temporary file in the target folder that is renamed
-over the target only once complete; an input file is never a target; an existing file is replaced
-only with ``overwrite=True``.
+Writing goes through :mod:`.output` (temporary file and rename, never over an input, never over
+an existing file without ``overwrite=True``).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import gzip
 import math
 import os
 import re
-import tempfile
 import warnings
 import zlib
 from collections import Counter
@@ -765,6 +763,17 @@ def _check_same_grid(
 # Writing: never over an input, never over an existing file unless asked, never half a file.
 
 
+def on_source_grid(array: np.ndarray, volume: Volume, dtype: type | np.dtype = np.float32
+                   ) -> nib.Nifti1Image:
+    """A canonical ``[X, Y, Z]`` array as a NIfTI image on the volume's source grid."""
+    from .output import source_grid_image
+
+    if array.shape != volume.shape:
+        raise InputError(f"array shape {array.shape} does not match the volume {volume.shape}")
+    stored = volume.to_source(np.asarray(array))
+    return source_grid_image(stored, volume.source_affine, volume.source_header, dtype)
+
+
 def save_on_source_grid(
     array: np.ndarray,
     volume: Volume,
@@ -772,95 +781,8 @@ def save_on_source_grid(
     dtype: type | np.dtype = np.float32,
     overwrite: bool = False,
 ) -> Path:
-    """Write a canonical ``[X, Y, Z]`` array on the source grid, atomically, never over an input."""
-    path = Path(path)
-    if array.shape != volume.shape:
-        raise InputError(f"{path}: array shape {array.shape} does not match the volume {volume.shape}")
-    data = volume.to_source(np.asarray(array)).astype(dtype)
-    header = volume.source_header.copy()
-    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-    img = image_class(data, volume.source_affine, header)
-    img.set_data_dtype(dtype)
-    if np.issubdtype(np.dtype(dtype), np.integer):
-        img.header.set_slope_inter(1, 0)
-    img.header["descrip"] = b"napari-whatishealthy"
-    return write_nifti_atomic(img, path, protected=volume.input_paths, overwrite=overwrite)
+    """Write a canonical ``[X, Y, Z]`` array on the source grid, atomically, never over an input
+    (see :mod:`.output`)."""
+    from .output import write_nifti
 
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
-
-
-def check_output_path(
-    path: str | Path, protected: tuple[Path, ...] | list[Path] = (), overwrite: bool = False
-) -> Path:
-    """Refuse a target that is an input (also through a link or another spelling), a folder, or
-    (without ``overwrite``) an existing file."""
-    path = Path(path)
-    for source in protected:
-        source = Path(source)
-        if source.exists() and _same_file(path, source):
-            raise InputError(f"{path}: refusing to overwrite an input file; choose another name")
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder; give a file name for the output")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path}: already exists; pass --overwrite or choose another folder")
-    return path
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it (os.umask would, for a moment, in every
-    thread)."""
-    return _umask()
-
-
-def _umask() -> int:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
-def write_nifti_atomic(
-    img: nib.Nifti1Image,
-    path: str | Path,
-    protected: tuple[Path, ...] = (),
-    overwrite: bool = False,
-) -> Path:
-    """Save through a temporary file in the same folder and rename: no half-written outputs.
-
-    The target is never an input (``protected``) and replaces an existing file only with
-    ``overwrite``. Whatever interrupts the save (an error, a full disk, Ctrl-C), the temporary
-    file is removed and the target is left as it was.
-    """
-    path = Path(path)
-    if not is_nifti_path(path):
-        raise InputError(f"{path}: output must end in .nii.gz or .nii")
-    check_output_path(path, protected, overwrite)
-    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    except OSError as exc:
-        raise InputError(
-            f"{path}: cannot write in {path.parent} ({exc.strerror or _detail(exc)}); choose "
-            "another folder"
-        ) from exc
-    try:
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; outputs get normal modes
-        nib.save(img, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_nifti(on_source_grid(array, volume, dtype), path, volume.input_paths, overwrite)
