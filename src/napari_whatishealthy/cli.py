@@ -41,12 +41,15 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
                         "grey matter)")
     p.add_argument("--voxel-size", type=float, default=1.0,
                    help="voxel size in mm over the BraTS field of view (1.0 gives 240x240x155)")
+    p.add_argument("--families", default="all",
+                   help="comma-separated lesion families to draw from: tumour, multifocal, "
+                        "wedge, diffuse, isointense (default all; see docs/cli.md)")
     p.add_argument("--overwrite", action="store_true", help="replace existing case files")
     p.set_defaults(func=_run_synth)
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from .core.synthetic import synthesise
+    from .core.synthetic import FAMILIES, synthesise
 
     if args.cases < 1:
         raise WhatIsHealthyError("--cases must be at least 1")
@@ -56,14 +59,22 @@ def _run_synth(args: argparse.Namespace) -> int:
             raise WhatIsHealthyError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
     if not 0.5 <= args.voxel_size <= 10.0:
         raise WhatIsHealthyError(f"--voxel-size must be in [0.5, 10] mm, got {args.voxel_size}")
+    families = None
+    if args.families.strip() != "all":
+        families = tuple(f.strip() for f in args.families.split(",") if f.strip())
+        unknown = sorted(set(families) - set(FAMILIES))
+        if unknown or not families:
+            raise WhatIsHealthyError(f"--families: unknown {', '.join(unknown) or '(none given)'}; "
+                                     f"choose from {', '.join(FAMILIES)} or all")
 
     def report(i: int, n: int, info) -> None:
-        print(f"[{i}/{n}] {info.name}: {info.kind}, {info.lesion_voxels} lesion voxels",
+        families = f" ({', '.join(info.families)})" if info.families else ""
+        print(f"[{i}/{n}] {info.name}: {info.kind}{families}, {info.lesion_voxels} lesion voxels",
               flush=True)
 
     synthesise(args.out, args.cases, seed=args.seed, healthy_fraction=args.healthy_fraction,
                subtle_fraction=args.subtle_fraction, voxel_size=args.voxel_size,
-               overwrite=args.overwrite, progress=report)
+               overwrite=args.overwrite, progress=report, families=families)
     print(f"wrote {args.cases} cases to {args.out}")
     return 0
 
@@ -173,6 +184,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-dropout", type=float, default=0.15,
                    help="probability of the null label (classifier-free guidance)")
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="start from this model's weights (a bundled name such as default or "
+                        "flair, or a checkpoint folder) to continue or fine-tune it; its "
+                        "modalities, size and network must match this run's")
     _add_network_options(p, NetworkSpec(), "UNet", "0,0,1")
     p.add_argument("--timestep-stride", type=int, default=10,
                    help="train on timesteps 0, k, 2k, ... of 1000 (the method's 100-step "
@@ -193,8 +209,11 @@ def _run_train(args: argparse.Namespace) -> int:
     network = NetworkSpec(channels=channels, attention_levels=attention,
                           num_res_blocks=args.res_blocks, norm_num_groups=groups,
                           num_head_channels=min(32, channels[-1]))
+    if args.warmup < 0:
+        raise WhatIsHealthyError("--warmup must be 0 or more")
     config = TrainConfig(**_run_options(args), label_dropout=args.label_dropout,
-                         ema_decay=args.ema_decay, network=network)
+                         ema_decay=args.ema_decay, network=network, warmup=args.warmup,
+                         init_from=args.init_from)
     train(config, show_progress=not args.no_progress)
     return 0
 
