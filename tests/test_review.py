@@ -309,3 +309,30 @@ def test_radiological_view_and_the_mask_over_the_scan(make_napari_viewer, qtbot,
     assert set(names[source + 1:source + 3]) == {"flair healthy", "flair difference"}
     assert names.index("flair healthy") < names.index("seg")  # the truth is not hidden under it
     assert not layer(viewer, "flair healthy").visible  # the scan stays in view; toggle to compare
+
+
+# ------------------------------------------------------------------------------------------------
+# Saved settings (napari plugin configurations)
+
+
+def test_model_and_device_are_saved_and_restored(make_napari_viewer, lesion_case, tiny_checkpoint,
+                                                 plugin_settings_in_tmp):
+    from napari.settings import get_plugin_settings
+
+    viewer, widget = docked(make_napari_viewer, lesion_case, tiny_checkpoint)
+    widget.device_combo.setCurrentText("cpu")
+    saved = get_plugin_settings(PLUGIN)
+    assert saved.run.model == str(tiny_checkpoint) and saved.run.device == "cpu"
+    assert "device: cpu" in plugin_settings_in_tmp.read_text()  # written by napari
+    # A new widget (a new session) starts from them.
+    from napari_whatishealthy._widget import LocalizeWidget
+
+    again = LocalizeWidget(widget.viewer)
+    assert again is not widget
+    assert again.model_combo.currentData() == str(tiny_checkpoint)
+    assert again.device_combo.currentText() == "cpu"
+    # A bundled model is saved by name; a folder that is gone falls back to Automatic.
+    again.set_model(again.model_combo.itemData(1))  # the first bundled model
+    assert saved.run.model in ("default", "flair")
+    saved.run.model = str(tiny_checkpoint / "missing")
+    assert LocalizeWidget(widget.viewer).is_auto_model

@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QLabeledDoubleSlider
 
+from . import _settings as settings
 from ._histogram import DifferenceHistogramView
 from ._layers import default_mask_path, from_napari, source_metadata
 from ._lesion_table import LesionTable, lesion_csv_path
@@ -174,6 +175,7 @@ class LocalizeWidget(QWidget):
         self._populate_models()
         self._refresh_layer_choices()
         prefer_this_writer()  # File > Save Selected Layers defaults to NIfTI (see _writer)
+        self._restore_settings()
         self.set_orientation(self.orientation_combo.currentText())
         try:  # S/A/R arrows on the canvas, so that the orientation can be read off the view
             self.viewer.axes.visible = True
@@ -406,9 +408,38 @@ class LocalizeWidget(QWidget):
             self._update_run_enabled()
 
     def _browse_model(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Choose a checkpoint folder")
+        start = settings.get("folders", "checkpoint")
+        folder = QFileDialog.getExistingDirectory(self, "Choose a checkpoint folder", start)
         if folder:
+            settings.put("folders", "checkpoint", str(Path(folder).parent))
             self.set_model(folder)
+
+    def _restore_settings(self) -> None:
+        """The saved default model and device (napari Preferences > What is Healthy); from
+        here on, choosing a model or a device saves it as the default."""
+        from .core.registry import bundled_models
+
+        model = str(settings.get("run", "model") or AUTO)
+        bundled = bundled_models()
+        if model in bundled:
+            model = str(bundled[model])
+        if model != AUTO and (self.model_combo.findData(model) >= 0 or Path(model).is_dir()):
+            self.set_model(model)
+        device = str(settings.get("run", "device"))
+        if self.device_combo.findText(device) >= 0:
+            self.device_combo.setCurrentText(device)
+        self.device_combo.currentTextChanged.connect(
+            lambda text: settings.put("run", "device", text))
+        self._settings_ready = True
+
+    def _remember_model(self) -> None:
+        if not getattr(self, "_settings_ready", False):
+            return
+        from .core.registry import bundled_models
+
+        ref = self.model_combo.currentData()
+        names = {str(path): name for name, path in bundled_models().items()}
+        settings.put("run", "model", names.get(str(ref), str(ref)))
 
     def set_model(self, path: str | Path) -> None:
         """Select a checkpoint folder (added to the list if new), a bundled model's folder, or
@@ -435,6 +466,7 @@ class LocalizeWidget(QWidget):
             self._set_modality_question(None)
             self._use_model(ref, None)
         self._update_run_enabled()
+        self._remember_model()
 
     def _use_model(self, ref: str | None, reason: str | None) -> None:
         """Load the spec of checkpoint ``ref`` (None: no model) and rebuild what depends on it."""
@@ -800,6 +832,7 @@ class LocalizeWidget(QWidget):
             "min_component_voxels": int(self.min_size.value()),
             "brain_only": bool(self.brain_only.isChecked()),
             "threshold": threshold,
+            "batch_size": int(settings.get("run", "batch_size")) or None,  # 0: the device's
         }
         if self._classifier_ref is not None:
             overrides["method"] = "classifier"
@@ -1278,6 +1311,9 @@ class LocalizeWidget(QWidget):
             self._session.record_edits(layer.data)
         if path is None:
             default = default_mask_path(layer.metadata, layer.name)
+            last = settings.get("folders", "save")
+            if not layer.metadata.get("source_path") and last and Path(last).is_dir():
+                default = Path(last) / default.name
             chosen, _ = QFileDialog.getSaveFileName(
                 self, "Save mask", str(default), "NIfTI (*.nii.gz *.nii)"
             )
@@ -1286,6 +1322,7 @@ class LocalizeWidget(QWidget):
             path = chosen
         try:
             written = Path(save_layer(layer, str(path))[0])
+            settings.put("folders", "save", str(written.parent))
         except (WhatIsHealthyError, OSError) as exc:
             self._notify_error(f"could not save the mask: {exc}")
             return None
