@@ -540,6 +540,14 @@ def _add_localize(sub: argparse._SubParsersAction) -> None:
                         "(e.g. flair,t1,t1ce,t2)")
     p.add_argument("--all-channels", action="store_true",
                    help="also write <case>_healthy_<modality>.nii.gz for every model channel")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="run only shard K of N of the cases (K from 0: case i goes to shard "
+                        "i mod N), e.g. one job of a job array; under torchrun each rank takes "
+                        "its part of this shard")
+    p.add_argument("--resume", action="store_true",
+                   help="skip cases whose outputs exist with the same model, settings and "
+                        "inputs (from their provenance); a case with other outputs needs "
+                        "--overwrite")
     _add_inference_options(p)
     p.set_defaults(func=_run_localize)
 
@@ -548,19 +556,28 @@ def _run_localize(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .core.pipeline import check_outputs, iter_localize, output_paths, write_outputs
+    from .core.sharding import current_shard, outputs_done
 
     if args.modality is not None:
         from .core.volume import _MODALITY_ALIASES
 
         args.modality = _MODALITY_ALIASES.get(args.modality.lower(), args.modality.lower())
+    shard = current_shard(args.shard)
     cases = _collect_cases(args.inputs, args.modality)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: --out must be a folder")
     _check_method(args)
+    total = len(cases)
+    # This process's cases only (under torchrun or --shard): the others' outputs may appear
+    # while this one runs and are not its business.
+    positions = shard.take(range(total))
+    cases = [cases[i] for i in positions]
+    shard.use_device(args.device)
     # Each case's model, and every impossible output, before minutes of work.
     choices = [_choose_for_case(case, args.model) for case in cases]
     guide_files = _files_in(args.classifier)
+    done: set[str] = set()
     for case, choice in zip(cases, choices, strict=True):
         parents = {p.resolve().parent for p in case.paths}
         if out.resolve() in parents:
@@ -570,22 +587,36 @@ def _run_localize(args: argparse.Namespace) -> int:
                 "back as part of the case)"
             )
         paths = output_paths(out, case.name, choice.spec.modalities, args.all_channels)
+        if args.resume:
+            state, why = _resume_state(args, case, choice, paths, outputs_done)
+            if state:
+                done.add(case.name)
+                continue
+            if state is False and not args.overwrite:
+                raise InputError(f"{case.name}: outputs in {out} were {why}; pass --overwrite "
+                                 "to replace them, or choose another --out")
         check_outputs(paths, [*case.paths, *_files_in(choice.folder), *guide_files],
-                      args.overwrite, voxels=_grid_voxels(case))
-    for i, (case, choice) in enumerate(zip(cases, choices, strict=True)):
+                      args.overwrite or args.resume, voxels=_grid_voxels(case))
+    where = f" ({shard.label()})" if shard.is_split else ""
+    if shard.is_split or done:
+        print(f"{len(cases) - len(done)} of {total} cases to run here{where}"
+              + (f"; {len(done)} already done (--resume)" if done else ""), flush=True)
+    for position, case, choice in zip(positions, cases, choices, strict=True):
+        if case.name in done:
+            continue
         model, spec, digest, folder, settings = _load_model(args, choice.folder)
         guide = _load_classifier(args, spec, settings)
         volume = _load_case(case, spec)
         gen = iter_localize(model, spec, volume.data, settings, model_path=folder,
                             model_hash=digest, inputs=volume.source_paths,
                             **guide.localize_kwargs())
-        label = f"{case.name} [{i + 1}/{len(cases)}]" if len(cases) > 1 else case.name
+        label = f"{case.name} [{position + 1}/{total}]" if total > 1 else case.name
         bar = _Bar(label, not args.no_progress)
         try:
             result = _drive(gen, bar)
         finally:
             bar.close()
-        paths = write_outputs(result, volume, out, overwrite=args.overwrite,
+        paths = write_outputs(result, volume, out, overwrite=args.overwrite or args.resume,
                               all_channels=args.all_channels,
                               inputs=[*_files_in(folder), *guide_files])
         voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
@@ -596,6 +627,16 @@ def _run_localize(args: argparse.Namespace) -> int:
               f"{result.threshold_used:.4g} by model {choice.reason}; wrote "
               f"{paths['mask'].parent}/{case.name}_*")
     return 0
+
+
+def _resume_state(args: argparse.Namespace, case: _Case, choice, paths, outputs_done):
+    """(True: done, None: nothing written yet, False: other outputs, why) for --resume."""
+    from .core.volume import modality_from_name
+
+    _, spec, digest, _, settings = _load_model(args, choice.folder)
+    guide = _load_classifier(args, spec, settings)
+    images = [p for p in case.paths if modality_from_name(p) != "seg"]
+    return outputs_done(paths, digest, settings, images, guide.sha256)
 
 
 # --------------------------------------------------------------------------------------------
@@ -673,6 +714,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             raise InputError(f"{json_path}: is a folder; --json takes a file name")
         check_target(json_path, inputs, args.overwrite)
         check_folder(json_path.parent)
+    from .core.sharding import current_shard
+
+    shard = current_shard()  # under torchrun: this rank's cases; rank 0 reports them all
+    shard.use_device(args.device)
     model, spec, digest, folder, settings = _load_model(args, model_folder)
     guide = _load_classifier(args, spec, settings)
     classifier_info = None
@@ -695,10 +740,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             model_info={"name": spec.name, "path": str(folder), "sha256": digest},
             on_case=on_case, on_step=bar,
             classifier=guide.classifier, classifier_info=classifier_info,
-            z_stride=args.z_stride,
+            z_stride=args.z_stride, shard=shard,
         )
     finally:
         bar.close()
+        shard.close()
+    if report is None:  # another rank: its cases are in rank 0's table
+        return 0
     if classifier_info is not None:
         print(f"classifier guidance, s={classifier_info['scale']:g}, classifier "
               f"{classifier_info['path']}")
