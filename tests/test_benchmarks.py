@@ -69,3 +69,20 @@ def test_tune_on_tiny_cases(tiny_checkpoint, synthetic_cases):
     rows = _table_rows(out)
     assert [(float(r[0]), float(r[1])) for r in rows[:2]] == [(0.2, 1.0), (0.2, 3.0)]
     assert all(0.0 <= float(r[4]) <= 1.0 for r in rows[:2])  # AUPRC
+
+
+def test_gpu_check_quick_on_cpu_prints_every_row():
+    """The GPU check the lead runs on a lent GPU: its CPU smoke mode goes through every row."""
+    env = dict(os.environ, DEVICE="cpu", QUICK="1", COMPILE="0", BUDGET="600",
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh")], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _table_rows(proc.stdout)
+    names = [r[0] for r in rows]
+    assert names[0].startswith("pipeline") and "reference, batch 32, float32" in names
+    assert any(n.startswith("naive loop") for n in names)
+    assert any("75+75 steps" in n for n in names)
+    reference = next(r for r in rows if r[0] == "reference, batch 32, float32")
+    assert reference[3] == "1.00x" and float(reference[2]) > 0
+    assert re.fullmatch(r"gpu_speedup_vs_reference \d+\.\d\d", proc.stdout.strip().splitlines()[-1])

@@ -209,6 +209,14 @@ def _load_data(config: Any, dist_info: Any, log: Callable[[str], None],
     return store
 
 
+def _store_info(slices: SliceSet | SliceStore) -> dict[str, Any]:
+    """What the model card says of the training slices: where, how many, how large."""
+    if isinstance(slices, SliceStore):
+        return {"path": str(slices.path.resolve()), "slices": len(slices),
+                "mib": round(slices.nbytes / 2**20, 1)}
+    return {"path": None, "slices": len(slices), "mib": round(slices.slices.nbytes / 2**20, 1)}
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters(), strict=True):
@@ -320,6 +328,9 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
             "batch": config.batch * dist_info.world,
             "wall_time_s": round(elapsed_before + time.time() - started, 1),
             "data": str(config.data),
+            "image_size": config.size,
+            "modalities": list(config.modalities),
+            "slice_store": _store_info(slice_set),
             "cases": {"train": len(train_cases), "validation": len(val_cases)},
             "slices": {"train": train_set.counts(), "validation": val_set.counts()},
             "label_dropout": config.label_dropout,
