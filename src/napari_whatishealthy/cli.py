@@ -154,8 +154,18 @@ def _check_at_least_one(args: argparse.Namespace, *names: str) -> None:
 
 def _run_options(args: argparse.Namespace) -> dict:
     """The config fields every trainer takes from the shared options."""
-    from .core.output import check_folder, check_outside
+    import math
 
+    from .core.output import check_folder, check_outside
+    from .core.settings import check_seed
+
+    if not (math.isfinite(args.lr) and 0.0 < args.lr <= 1.0):
+        raise WhatIsHealthyError(f"--lr must be a number in (0, 1], got {args.lr}")
+    for name in ("label_dropout", "ema_decay", "weight_decay"):
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise WhatIsHealthyError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
+    check_seed(args.seed)
     check_outside(args.out, args.data)
     check_folder(args.out)
     return dict(
