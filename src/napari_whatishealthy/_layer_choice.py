@@ -9,7 +9,7 @@ from typing import Any
 
 from .core.volume import MODALITIES, modality_from_name
 
-RESULT_ROLES = ("healthy", "difference", "mask")
+RESULT_ROLES = ("healthy", "difference", "mask", "uncertainty")
 
 
 @dataclass(frozen=True)

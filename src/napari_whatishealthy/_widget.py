@@ -10,6 +10,7 @@ run leaves every layer exactly as it was.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from qtpy.QtCore import QTimer
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     import napari
 
 __all__ = ["LocalizeWidget", "SCOPE_SLICE", "SCOPE_VOLUME"]
+
+log = logging.getLogger(__name__)
 
 
 class LocalizeWidget(ModelChoice, RunHandlers, ResultHandlers, QWidget):
@@ -73,3 +76,9 @@ class LocalizeWidget(ModelChoice, RunHandlers, ResultHandlers, QWidget):
         self._populate_models()
         self._refresh_layer_choices()
         prefer_this_writer()  # File > Save Selected Layers defaults to NIfTI (see _writer)
+        self.set_orientation(self.orientation_combo.currentText())
+        try:  # S/A/R arrows on the canvas, so that the orientation can be read off the view
+            self.viewer.axes.visible = True
+            self.viewer.axes.labels = True
+        except AttributeError as exc:
+            log.debug("no axes overlay: %s", exc)

@@ -11,18 +11,23 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QFrame,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
     QSpinBox,
     QVBoxLayout,
+    QWidget,
 )
 from superqt import QLabeledDoubleSlider
 
+from ._histogram import DifferenceHistogramView
+from ._lesion_table import LesionTable
 from .core.volume import MODALITIES
 
 NONE = "(none)"
@@ -31,10 +36,11 @@ SCOPE_SLICE = "Current slice (quick preview)"
 
 # viewer.camera.orientation2d for the (A, R) axes of the (S, A, R) layers this plugin makes.
 ORIENTATIONS = {
-    "napari default (anterior down)": ("down", "right"),
     "radiological (anterior up, R on the left)": ("up", "left"),
     "neurological (anterior up, R on the right)": ("up", "right"),
+    "napari default (anterior down)": ("down", "right"),
 }
+DEFAULT_ORIENTATION = "radiological (anterior up, R on the left)"  # how scans are read clinically
 
 TIPS = {
     "model": "The diffusion model. Automatic picks the bundled model that the open images "
@@ -83,7 +89,17 @@ TIPS = {
 
 def build_layout(w: Any) -> None:
     """Make the controls of widget ``w`` (as its attributes) and connect them to its handlers."""
-    root = QVBoxLayout(w)
+    # Everything scrolls: the controls are taller than a 1366 x 768 screen's dock.
+    outer = QVBoxLayout(w)
+    outer.setContentsMargins(0, 0, 0, 0)
+    w.scroll_area = QScrollArea()
+    w.scroll_area.setWidgetResizable(True)
+    w.scroll_area.setFrameShape(QFrame.Shape.NoFrame)
+    w.scroll_area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    content = QWidget()
+    w.scroll_area.setWidget(content)
+    outer.addWidget(w.scroll_area)
+    root = QVBoxLayout(content)
     root.setContentsMargins(6, 6, 6, 6)
     _model_box(w, root)
     _inputs_box(w, root)
@@ -231,6 +247,9 @@ def _mask_box(w: Any, root: QVBoxLayout) -> None:
     w.threshold.setToolTip(TIPS["threshold"])
     w.threshold.valueChanged.connect(w._on_mask_params_changed)
     form.addRow("Threshold", w.threshold)
+    w.histogram = DifferenceHistogramView()
+    w.histogram.threshold_picked.connect(w.threshold.setValue)
+    form.addRow(w.histogram)
     w.min_size = QSpinBox()
     w.min_size.setRange(0, 10_000_000)
     w.min_size.setToolTip(TIPS["min_size"])
@@ -256,6 +275,8 @@ def _mask_box(w: Any, root: QVBoxLayout) -> None:
     w.metrics_label = QLabel("")
     w.metrics_label.setToolTip(TIPS["ground_truth"])
     form.addRow(w.metrics_label)
+    w.lesion_table = LesionTable(w.viewer)
+    form.addRow(w.lesion_table)
     w.save_button = QPushButton("Save mask…")
     w.save_button.setToolTip(TIPS["save"])
     w.save_button.clicked.connect(lambda: w.save_mask())
@@ -273,6 +294,6 @@ def _mask_box(w: Any, root: QVBoxLayout) -> None:
     )
     w.orientation_combo.currentTextChanged.connect(w.set_orientation)
     row.addWidget(w.orientation_combo)
-    root.addLayout(row)
+    root.insertLayout(0, row)  # first: it is how every slice is read
     root.addStretch(1)
 

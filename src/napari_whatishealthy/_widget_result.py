@@ -17,6 +17,7 @@ from ._layer_choice import (
     layer_type_name,
 )
 from ._layers import default_mask_path
+from ._lesion_table import lesion_csv_path
 from ._widget_layout import NONE, ORIENTATIONS
 from ._widget_state import (
     MaskParams,
@@ -67,7 +68,8 @@ class ResultHandlers:
         self._upsert_layer(
             "image", self._result_name(source, "healthy"), session.healthy(), geometry,
             {**base, "role": "healthy", "provenance": provenance},
-            new={"colormap": "gray", "contrast_limits": context.get("contrast_limits")},
+            new={"colormap": "gray", "contrast_limits": context.get("contrast_limits"),
+                 "visible": False, "above": source},
             update={},
         )
         limits = session.display_limits()
@@ -75,7 +77,7 @@ class ResultHandlers:
             "image", self._result_name(source, "difference"), session.difference(), geometry,
             {**base, "role": "difference", "provenance": provenance},
             new={"colormap": "inferno", "contrast_limits": limits, "blending": "additive",
-                 "visible": False},
+                 "visible": False, "above": source},
             update={"contrast_limits": limits},
         )
         mask = session.mask(params)
@@ -86,6 +88,10 @@ class ResultHandlers:
             new={"opacity": 0.6}, update={},
         )
         self._watch_mask_layer(layer)
+        uncertainty = self._show_uncertainty(result, source, geometry, base, provenance)
+        self.histogram.set_histogram(session.histogram())
+        self.histogram.set_current(params.threshold)
+        self.lesion_table.bind(layer, session.difference(), uncertainty)
         self._stale = False
         self.stale_label.setVisible(False)
         self.result_box.setEnabled(True)
@@ -96,6 +102,25 @@ class ResultHandlers:
 
             show_info(f"What is Healthy?: kept your {session.n_edits} painted voxel(s) on the "
                       "new mask (Discard edits to drop them)")
+
+    def _show_uncertainty(self, result: Any, source: str, geometry: dict[str, Any],
+                          base: dict[str, Any], provenance: dict[str, Any]) -> Any:
+        """The ``<image> uncertainty`` layer when the run made an uncertainty map (hidden at
+        first); returns the map in napari order, or None."""
+        uncertainty = getattr(result, "uncertainty", None)
+        if uncertainty is None:
+            return None
+        data = np.ascontiguousarray(np.asarray(uncertainty, np.float32).transpose(2, 1, 0))
+        positive = data[data > 0]
+        top = float(np.percentile(positive, 99.5)) if positive.size else 1.0
+        self._upsert_layer(
+            "image", self._result_name(source, "uncertainty"), data, geometry,
+            {**base, "role": "uncertainty", "provenance": provenance},
+            new={"colormap": "viridis", "contrast_limits": (0.0, top or 1.0),
+                 "blending": "additive", "visible": False, "above": source},
+            update={},
+        )
+        return data
 
     def _upsert_layer(
         self,
@@ -126,6 +151,8 @@ class ResultHandlers:
             existing.refresh()
             return existing
         kwargs = {k: v for k, v in {**geometry, **new}.items() if v is not None}
+        above = kwargs.pop("above", None)  # new image results sit just above their source,
+        # under the ground truth and the mask, so that the mask is drawn over the scan
         kwargs["name"] = name
         kwargs["metadata"] = metadata
         if kind == "image":
@@ -134,6 +161,9 @@ class ResultHandlers:
             layer = self.viewer.add_labels(data, **kwargs)
         if index is not None:
             self.viewer.layers.move(self.viewer.layers.index(layer), index)
+        elif above is not None and layer_named(self.viewer, above) is not None:
+            target = self.viewer.layers.index(layer_named(self.viewer, above)) + 1
+            self.viewer.layers.move(self.viewer.layers.index(layer), target)
         return layer
 
     def _watch_mask_layer(self, layer: Any) -> None:
@@ -175,6 +205,7 @@ class ResultHandlers:
         metadata = dict(layer.metadata)
         metadata["mask"] = mask_provenance(session, params)
         layer.metadata = metadata
+        self.histogram.set_current(params.threshold)
         self._update_edits_label()
         self._update_metrics()
 
@@ -306,7 +337,13 @@ class ResultHandlers:
             return None
         from napari.utils.notifications import show_info
 
-        show_info(f"What is Healthy?: saved the mask to {written}")
+        try:  # the lesion table beside it
+            table = self.lesion_table.write_csv(lesion_csv_path(written))
+        except OSError as exc:
+            self._notify_error(f"saved the mask, but not its lesion table: {exc}")
+            table = None
+        show_info(f"What is Healthy?: saved the mask to {written}"
+                  + (f" and its lesion table to {table.name}" if table else ""))
         self.status.setText(f"Saved {written}")
         return written
 
