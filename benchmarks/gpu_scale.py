@@ -113,8 +113,13 @@ def main() -> int:
             if time.perf_counter() - T0 > BUDGET_S:
                 skipped.append(label)
                 continue
-            row = train_row(work / "data", work, stores[size], size, batch, in_memory, steps,
-                            every)
+            try:
+                row = train_row(work / "data", work, stores[size], size, batch, in_memory,
+                                steps, every)
+            except Exception as exc:  # one failing row (out of memory, ...) keeps the others
+                print(f"  {label}: failed: {type(exc).__name__}: {exc}", flush=True)
+                skipped.append(f"{label} (failed: {type(exc).__name__})")
+                continue
             rows.append(row)
             print(f"  {label}: {row['steps_per_s']:.2f} steps/s ({row['wall_s']:.1f} s)",
                   flush=True)
@@ -127,7 +132,8 @@ def main() -> int:
         print(f"| {r['size']} | {r['batch']} | {r['data']} | {r['steps_per_s']:.2f} | "
               f"{r['steps_per_s'] * r['batch']:.0f} | {mem} |")
     for label in skipped:
-        print(f"| {label}: skipped, past the {BUDGET_S:.0f} s budget | | | | | |")
+        why = "" if "failed" in label else f": skipped, past the {BUDGET_S:.0f} s budget"
+        print(f"| {label}{why} | | | | | |")
     store_row = next((r for r in rows if r["size"] == sizes[0] and r["batch"] == batches[-1]
                       and r["data"] == "slice store"), None)
     ram_row = next((r for r in rows if r["data"] == "in RAM"), None)
