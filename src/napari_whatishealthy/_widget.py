@@ -24,12 +24,14 @@ from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
     QSpinBox,
     QVBoxLayout,
@@ -37,7 +39,9 @@ from qtpy.QtWidgets import (
 )
 from superqt import QLabeledDoubleSlider
 
+from ._histogram import DifferenceHistogramView
 from ._layers import default_mask_path, from_napari, source_metadata
+from ._lesion_table import LesionTable, lesion_csv_path
 from ._widget_state import (
     AUTO,
     InputCache,
@@ -70,10 +74,11 @@ SCOPE_SLICE = "Current slice (quick preview)"
 
 # viewer.camera.orientation2d for the (A, R) axes of the (S, A, R) layers this plugin makes.
 ORIENTATIONS = {
-    "napari default (anterior down)": ("down", "right"),
     "radiological (anterior up, R on the left)": ("up", "left"),
     "neurological (anterior up, R on the right)": ("up", "right"),
+    "napari default (anterior down)": ("down", "right"),
 }
+DEFAULT_ORIENTATION = "radiological (anterior up, R on the left)"  # how scans are read clinically
 
 TIPS = {
     "model": "The diffusion model. Automatic picks the bundled model that the open images "
@@ -169,12 +174,28 @@ class LocalizeWidget(QWidget):
         self._populate_models()
         self._refresh_layer_choices()
         prefer_this_writer()  # File > Save Selected Layers defaults to NIfTI (see _writer)
+        self.set_orientation(self.orientation_combo.currentText())
+        try:  # S/A/R arrows on the canvas, so that the orientation can be read off the view
+            self.viewer.axes.visible = True
+            self.viewer.axes.labels = True
+        except AttributeError as exc:
+            log.debug("no axes overlay: %s", exc)
 
     # --------------------------------------------------------------------------------------------
     # Layout
 
     def _build_ui(self) -> None:
-        root = QVBoxLayout(self)
+        # Everything scrolls: the controls are taller than a 1366 x 768 screen's dock.
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        self.scroll_area = QScrollArea()
+        self.scroll_area.setWidgetResizable(True)
+        self.scroll_area.setFrameShape(QFrame.Shape.NoFrame)
+        self.scroll_area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        content = QWidget()
+        self.scroll_area.setWidget(content)
+        outer.addWidget(self.scroll_area)
+        root = QVBoxLayout(content)
         root.setContentsMargins(6, 6, 6, 6)
 
         # Model ----------------------------------------------------------------------------------
@@ -312,6 +333,9 @@ class LocalizeWidget(QWidget):
         self.threshold.setToolTip(TIPS["threshold"])
         self.threshold.valueChanged.connect(self._on_mask_params_changed)
         form.addRow("Threshold", self.threshold)
+        self.histogram = DifferenceHistogramView()
+        self.histogram.threshold_picked.connect(self.threshold.setValue)
+        form.addRow(self.histogram)
         self.min_size = QSpinBox()
         self.min_size.setRange(0, 10_000_000)
         self.min_size.setToolTip(TIPS["min_size"])
@@ -337,6 +361,8 @@ class LocalizeWidget(QWidget):
         self.metrics_label = QLabel("")
         self.metrics_label.setToolTip(TIPS["ground_truth"])
         form.addRow(self.metrics_label)
+        self.lesion_table = LesionTable(self.viewer)
+        form.addRow(self.lesion_table)
         self.save_button = QPushButton("Save mask…")
         self.save_button.setToolTip(TIPS["save"])
         self.save_button.clicked.connect(lambda: self.save_mask())
@@ -354,7 +380,7 @@ class LocalizeWidget(QWidget):
         )
         self.orientation_combo.currentTextChanged.connect(self.set_orientation)
         row.addWidget(self.orientation_combo)
-        root.addLayout(row)
+        root.insertLayout(0, row)  # first: it is how every slice is read
         root.addStretch(1)
 
     # --------------------------------------------------------------------------------------------
@@ -990,7 +1016,8 @@ class LocalizeWidget(QWidget):
         self._upsert_layer(
             "image", self._result_name(source, "healthy"), session.healthy(), geometry,
             {**base, "role": "healthy", "provenance": provenance},
-            new={"colormap": "gray", "contrast_limits": context.get("contrast_limits")},
+            new={"colormap": "gray", "contrast_limits": context.get("contrast_limits"),
+                 "visible": False, "above": source},
             update={},
         )
         limits = session.display_limits()
@@ -998,7 +1025,7 @@ class LocalizeWidget(QWidget):
             "image", self._result_name(source, "difference"), session.difference(), geometry,
             {**base, "role": "difference", "provenance": provenance},
             new={"colormap": "inferno", "contrast_limits": limits, "blending": "additive",
-                 "visible": False},
+                 "visible": False, "above": source},
             update={"contrast_limits": limits},
         )
         mask = session.mask(params)
@@ -1009,6 +1036,10 @@ class LocalizeWidget(QWidget):
             new={"opacity": 0.6}, update={},
         )
         self._watch_mask_layer(layer)
+        uncertainty = self._show_uncertainty(result, source, geometry, base, provenance)
+        self.histogram.set_histogram(session.histogram())
+        self.histogram.set_current(params.threshold)
+        self.lesion_table.bind(layer, session.difference(), uncertainty)
         self._stale = False
         self.stale_label.setVisible(False)
         self.result_box.setEnabled(True)
@@ -1019,6 +1050,25 @@ class LocalizeWidget(QWidget):
 
             show_info(f"What is Healthy?: kept your {session.n_edits} painted voxel(s) on the "
                       "new mask (Discard edits to drop them)")
+
+    def _show_uncertainty(self, result: Any, source: str, geometry: dict[str, Any],
+                          base: dict[str, Any], provenance: dict[str, Any]) -> Any:
+        """The ``<image> uncertainty`` layer when the run made an uncertainty map (hidden at
+        first); returns the map in napari order, or None."""
+        uncertainty = getattr(result, "uncertainty", None)
+        if uncertainty is None:
+            return None
+        data = np.ascontiguousarray(np.asarray(uncertainty, np.float32).transpose(2, 1, 0))
+        positive = data[data > 0]
+        top = float(np.percentile(positive, 99.5)) if positive.size else 1.0
+        self._upsert_layer(
+            "image", self._result_name(source, "uncertainty"), data, geometry,
+            {**base, "role": "uncertainty", "provenance": provenance},
+            new={"colormap": "viridis", "contrast_limits": (0.0, top or 1.0),
+                 "blending": "additive", "visible": False, "above": source},
+            update={},
+        )
+        return data
 
     def _upsert_layer(
         self,
@@ -1049,6 +1099,8 @@ class LocalizeWidget(QWidget):
             existing.refresh()
             return existing
         kwargs = {k: v for k, v in {**geometry, **new}.items() if v is not None}
+        above = kwargs.pop("above", None)  # new image results sit just above their source,
+        # under the ground truth and the mask, so that the mask is drawn over the scan
         kwargs["name"] = name
         kwargs["metadata"] = metadata
         if kind == "image":
@@ -1057,6 +1109,9 @@ class LocalizeWidget(QWidget):
             layer = self.viewer.add_labels(data, **kwargs)
         if index is not None:
             self.viewer.layers.move(self.viewer.layers.index(layer), index)
+        elif above is not None and _layer_named(self.viewer, above) is not None:
+            target = self.viewer.layers.index(_layer_named(self.viewer, above)) + 1
+            self.viewer.layers.move(self.viewer.layers.index(layer), target)
         return layer
 
     def _watch_mask_layer(self, layer: Any) -> None:
@@ -1101,6 +1156,7 @@ class LocalizeWidget(QWidget):
         metadata = dict(layer.metadata)
         metadata["mask"] = mask_provenance(session, params)
         layer.metadata = metadata
+        self.histogram.set_current(params.threshold)
         self._update_edits_label()
         self._update_metrics()
 
@@ -1235,6 +1291,12 @@ class LocalizeWidget(QWidget):
             return None
         from napari.utils.notifications import show_info
 
-        show_info(f"What is Healthy?: saved the mask to {written}")
+        try:  # the lesion table beside it
+            table = self.lesion_table.write_csv(lesion_csv_path(written))
+        except OSError as exc:
+            self._notify_error(f"saved the mask, but not its lesion table: {exc}")
+            table = None
+        show_info(f"What is Healthy?: saved the mask to {written}"
+                  + (f" and its lesion table to {table.name}" if table else ""))
         self.status.setText(f"Saved {written}")
         return written

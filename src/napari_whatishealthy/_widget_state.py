@@ -24,7 +24,7 @@ from .core import metrics
 from .core.errors import WhatIsHealthyError
 from .core.volume import MODALITIES, modality_from_name
 
-RESULT_ROLES = ("healthy", "difference", "mask")
+RESULT_ROLES = ("healthy", "difference", "mask", "uncertainty")
 AUTO = "auto"  # the model combo's automatic choice: core.model_choice.AUTO
 
 
@@ -201,35 +201,28 @@ def localize_job(request: JobRequest) -> Generator[Any, None, Any]:
     """Load the model (and the classifier, if any; both cached) and localize, yielding a
     StatusMessage or a pipeline Progress per step; returns the ``LocalizeResult`` or a
     :class:`JobFailed`."""
-    from .core import classifier, counterfactual, pipeline, registry
+    from .core import counterfactual
+    from .core.session import LocalizeSession
 
     try:
         yield StatusMessage("loading the model")
-        model, spec, digest = registry.load_model_cached(request.model, request.device)
-        folder = registry.resolve_model(request.model)
+        session = LocalizeSession.load(request.model, request.device)
         overrides = dict(request.overrides)
-        guide: dict[str, Any] = {}
         if request.classifier is not None:
-            yield StatusMessage("loading the classifier")
-            clf, _, clf_digest = classifier.load_classifier_cached(
-                request.classifier, request.device
-            )
-            guide = {
-                "classifier": clf,
-                "classifier_path": classifier.resolve_classifier(request.classifier),
-                "classifier_hash": clf_digest,
-            }
             overrides.setdefault("method", "classifier")
-        settings = pipeline.LocalizeSettings.from_spec(spec, device=request.device, **overrides)
+        settings = session.settings(device=request.device, **overrides)
+        if settings.method == "classifier":
+            yield StatusMessage("loading the classifier")
+        guide = session.load_guide(request.classifier, settings)
         yield StatusMessage("preparing the slices")
-        prepared = (request.cache.prepared(request.data, spec) if request.cache is not None
-                    else None)
-        gen = pipeline.iter_localize(
-            model, spec, request.data, settings, request.z_slices,
-            model_path=folder, model_hash=digest, inputs=request.inputs, prepared=prepared,
-            **guide,
-        )
+        prepared = (request.cache.prepared(request.data, session.spec)
+                    if request.cache is not None else None)
+        gen = session.iter_localize(request.data, settings, guide, request.z_slices,
+                                    inputs=request.inputs, prepared=prepared)
         result = yield from gen
+        if result is not None:
+            yield StatusMessage("preparing the layers")
+            prepare_for_display(result)
         return result
     except WhatIsHealthyError as exc:
         return JobFailed(str(exc), exc)
@@ -245,6 +238,30 @@ def localize_job(request: JobRequest) -> Generator[Any, None, Any]:
 
 # ------------------------------------------------------------------------------------------------
 # The cached result, the mask and the user's edits
+
+
+def display_cache(result: Any, key: str, make: Callable[[], Any]) -> Any:
+    """``make()``, kept in the result's derived-values cache under ``key``."""
+    derived = result._derived
+    if key not in derived:
+        derived[key] = make()
+    return derived[key]
+
+
+def prepare_for_display(result: Any, reference_channel: int = 0) -> None:
+    """Compute in the worker thread what showing ``result`` needs (napari-order copies, display
+    limits, the slider's range, the first mask): on a 1 mm volume these take most of a second,
+    which the GUI thread would otherwise stall for when the run's layers are added."""
+    session = ResultSession(result, "", reference_channel)
+    session.healthy()
+    session.difference()
+    result.zyx("brain")
+    session.difference_range()
+    session.display_limits()
+    session.histogram()
+    display_cache(result, "first_mask", lambda: session.auto_mask(MaskParams(
+        float(result.threshold_used), int(result.settings.min_component_voxels),
+        bool(result.settings.brain_only))))
 
 
 @dataclass
@@ -277,20 +294,35 @@ class ResultSession:
 
     # Layers' data -------------------------------------------------------------------------
     def healthy(self) -> np.ndarray:
-        return np.ascontiguousarray(self.result.healthy[self.reference_channel].transpose(2, 1, 0))
+        return display_cache(self.result, f"healthy_zyx_{self.reference_channel}", lambda: (
+            np.ascontiguousarray(self.result.healthy[self.reference_channel].transpose(2, 1, 0))))
 
     def difference(self) -> np.ndarray:
         return self.result.zyx("difference")
 
     def difference_range(self) -> tuple[float, float]:
         """(0, a top for the threshold slider and the difference display)."""
+        return display_cache(self.result, "difference_range", self._difference_range)
+
+    def _difference_range(self) -> tuple[float, float]:
         diff = self.result.difference
         inside = diff[self.result.brain] if self.result.brain.any() else diff.ravel()
         top = float(inside.max()) if inside.size else 0.0
         top = max(top, 2.0 * float(self.result.threshold_used), 1e-3)
         return 0.0, top
 
+    def histogram(self) -> Any:
+        """The brain's difference histogram with its threshold markers (core.lesions)."""
+        from .core.lesions import difference_histogram
+
+        return display_cache(self.result, "histogram", lambda: difference_histogram(
+            self.result.zyx("difference"), self.result.zyx("brain"),
+            self.result.recommended_threshold, top=self.difference_range()[1]))
+
     def display_limits(self) -> tuple[float, float]:
+        return display_cache(self.result, "display_limits", self._display_limits)
+
+    def _display_limits(self) -> tuple[float, float]:
         diff = self.result.difference
         positive = diff[diff > 0]
         if positive.size == 0:
@@ -301,6 +333,14 @@ class ResultSession:
     # Mask ---------------------------------------------------------------------------------
     def auto_mask(self, params: MaskParams) -> np.ndarray:
         from .core.pipeline import remask
+
+        first = self.result._derived.pop("first_mask", None)  # made by prepare_for_display
+        if first is not None and (
+            float(params.threshold) == float(self.result.threshold_used)
+            and int(params.min_component_voxels) == int(self.result.settings.min_component_voxels)
+            and bool(params.brain_only) == bool(self.result.settings.brain_only)
+        ):
+            return first
 
         return remask(
             self.result,

@@ -42,13 +42,14 @@ import numpy as np
 import torch
 
 from .anomaly import difference_maps, make_mask, median_smooth, otsu_threshold
-from .counterfactual import Progress, drain, iter_counterfactual, model_device
+from .counterfactual import iter_counterfactual, model_device
 from .device import resolve_device
 from .errors import InputError, WhatIsHealthyError
 from .model import ModelSpec
 from .preprocess import PreparedVolume, prepare, to_slices
 from .provenance import make_provenance
 from .settings import THRESHOLD_CHOICES, LocalizeSettings, parse_threshold
+from .steps import Progress, drain
 
 __all__ = [
     "LocalizeResult",
@@ -175,6 +176,35 @@ def remask(
     return mask
 
 
+def _check_finite_weights(network: Any, path: str | Path | None, what: str) -> None:
+    """Refuse a network with NaN or infinite weights before it runs (its output would be NaN)."""
+    parameters = getattr(network, "parameters", None)
+    if parameters is None:
+        return
+    with torch.no_grad():
+        for name, tensor in getattr(network, "named_parameters", lambda: [])():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                where = f" {path}" if path else ""
+                raise WhatIsHealthyError(
+                    f"the {what}{where} has NaN or infinite weights (in {name}); it cannot give a "
+                    "result: use another checkpoint"
+                )
+
+
+def _check_finite_result(healthy_s: np.ndarray, settings: LocalizeSettings) -> None:
+    """Stop on a counterfactual with NaN or infinite values instead of writing an empty mask."""
+    bad = int(np.size(healthy_s) - np.count_nonzero(np.isfinite(healthy_s)))
+    if bad:
+        share = 100.0 * bad / max(1, np.size(healthy_s))
+        scale = (f"classifier scale {settings.classifier_scale}" if settings.method == "classifier"
+                 else f"guidance {settings.guidance:g}")
+        raise WhatIsHealthyError(
+            f"the counterfactual has {share:.1f} % NaN or infinite values: the settings overflow "
+            f"the model ({scale}, noise level {settings.noise_level:g}); use smaller values (the "
+            "model's recommended settings are the defaults)"
+        )
+
+
 def _check_data(data: np.ndarray, spec: ModelSpec) -> np.ndarray:
     data = np.asarray(data)
     if data.ndim != 4:
@@ -260,12 +290,14 @@ def iter_localize(
     settings = settings or LocalizeSettings.from_spec(spec)
     settings.validate()
     data = _check_data(data, spec)
+    _check_finite_weights(model, model_path, "model")
     if prepared is None:
         prepared = prepare(data, spec.image_size)
     else:
         _matching_prepared(prepared, data, spec)
     sub = _restrict(prepared, z_slices)
     guided_by = (classifier or settings.classifier) if settings.method == "classifier" else None
+    _check_finite_weights(guided_by, classifier_path, "classifier")
     # The classifier is a network, not a setting: the result and its provenance keep none.
     settings = dataclasses.replace(settings, classifier=None)
     device = model_device(model) or resolve_device(settings.device)
@@ -274,15 +306,10 @@ def iter_localize(
                                 dataclasses.replace(settings, classifier=guided_by))
     classifier_info = None
     if guided_by is not None:
-        from .classifier import resolve_scale
+        from .classifier import classifier_record
 
-        cspec = getattr(guided_by, "spec", None)
-        classifier_info = {
-            "name": getattr(cspec, "name", None),
-            "path": str(Path(classifier_path).resolve()) if classifier_path else None,
-            "sha256": classifier_hash,
-            "scale": resolve_scale(settings.classifier_scale, guided_by),
-        }
+        classifier_info = classifier_record(guided_by, classifier_path, classifier_hash,
+                                            settings.classifier_scale)
     return _run(
         inner, data, prepared, sub, settings, spec, device, z_slices,
         model_path, model_hash, tuple(inputs), classifier_info,
@@ -312,6 +339,7 @@ def _run(
         inner.close()
     if healthy_s is None:  # closed from outside
         return None  # type: ignore[return-value]
+    _check_finite_result(healthy_s, settings)
     t_model = time.time() - started
     warnings: list[str] = []
     brain = prepared.brain
