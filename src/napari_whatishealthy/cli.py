@@ -157,15 +157,14 @@ def _run_options(args: argparse.Namespace) -> dict:
     import math
 
     from .core.output import check_folder, check_outside
-    from .core.settings import check_seed
-
     if not (math.isfinite(args.lr) and 0.0 < args.lr <= 1.0):
         raise WhatIsHealthyError(f"--lr must be a number in (0, 1], got {args.lr}")
     for name in ("label_dropout", "ema_decay", "weight_decay"):
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise WhatIsHealthyError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
-    check_seed(args.seed)
+    if not 0 <= args.seed < 2**32:
+        raise WhatIsHealthyError(f"--seed must be an integer in [0, 2**32 - 1], got {args.seed}")
     check_outside(args.out, args.data)
     check_folder(args.out)
     return dict(
@@ -426,7 +425,7 @@ def _run_localize(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .core.cases import choose_for_case, collect_cases
-    from .core.pipeline import check_outputs, output_paths, write_outputs
+    from .core.pipeline import check_memory, check_outputs, output_paths, write_outputs
     from .core.steps import drain
 
     cases = collect_cases(args.inputs, args.modality)
@@ -448,6 +447,7 @@ def _run_localize(args: argparse.Namespace) -> int:
         paths = output_paths(out, case.name, choice.spec.modalities, args.all_channels)
         check_outputs(paths, [*case.paths, *_files_in(choice.folder), *guide_files],
                       args.overwrite, voxels=case.grid_voxels())
+        check_memory(case.grid_voxels(), len(choice.spec.modalities), case.name)
     for i, (case, choice) in enumerate(zip(cases, choices, strict=True)):
         session, settings, guide = _open_session(args, choice.folder)
         volume = case.load(session.spec)
