@@ -78,8 +78,8 @@ def test_absurd_localize_settings_are_one_line_errors(capsys, tiny_checkpoint, c
 
 
 @pytest.mark.parametrize(("args", "match"), [
-    (["--lr", "nan"], "--lr must be a number in (0, 1]"),
-    (["--lr", "-1"], "--lr must be a number in (0, 1]"),
+    (["--lr", "nan"], "--lr must be a number in [0, 1]"),
+    (["--lr", "-1"], "--lr must be a number in [0, 1]"),
     (["--seed", str(2**70)], "seed must be an integer in"),
     (["--label-dropout", "2"], "--label-dropout must be in [0, 1]"),
 ])
