@@ -705,10 +705,13 @@ def _demo_gui(sample: Path, args: argparse.Namespace) -> int:
         from .core.model_choice import AUTO
         from .core.registry import resolve_model
 
-        widget = LocalizeWidget(viewer)
+        # Docked as the Plugins menu docks it: the same title, the same layer proxies.
+        _, widget = viewer.window.add_plugin_dock_widget("napari-whatishealthy",
+                                                         "Lesion localization")
+        if not isinstance(widget, LocalizeWidget):
+            raise ImportError("the plugin's widget contribution did not give the widget")
         if args.model != AUTO:  # otherwise the widget's Automatic choice
             widget.set_model(str(resolve_model(args.model)))
-        viewer.window.add_dock_widget(widget, name="What is Healthy?", area="right")
     except ImportError as exc:
         print(f"whatishealthy demo: warning: the widget could not be loaded ({exc})",
               file=sys.stderr)

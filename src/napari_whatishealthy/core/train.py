@@ -341,6 +341,8 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
     log(f"slices: train {train_set.counts()} from {len(train_cases)} cases, "
         f"validation {val_set.counts()} from {len(val_cases)} cases")
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
     model = model.to(device)
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
@@ -473,6 +475,11 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
                     record["val_loss"] = validation_loss(ema, val_set, alphas_cumprod, timesteps, device, config.amp)
                 if progress is not None:
                     progress.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['slices_per_s']:.0f}")
+                else:  # no bar (a batch job): one line per log interval
+                    val = f", val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+                    log(f"step {step}: loss {record['loss']:.4f}{val}, "
+                        f"{record['slices_per_s'] / config.batch / dist_info.world:.1f} steps/s, "
+                        f"{record['elapsed_s']:.0f} s")
                 if log_file is not None:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
