@@ -28,8 +28,10 @@ import copy
 import json
 import math
 import os
+import pickle
 import time
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -354,16 +356,17 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
     step = 0
     elapsed_before = 0.0
     if config.resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimiser.load_state_dict(state["optimiser"])
-        step = int(state["step"])
-        elapsed_before = float(state["elapsed_s"])
-        sampler.set_state(json.loads(state["sampler"]))
-        init_record = json.loads(state.get("init_from", "{}"))
-        generator.set_state(state["generator"])
-        log(f"resumed at step {step}")
+        with resume_errors(state_path):
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            optimiser.load_state_dict(state["optimiser"])
+            step = int(state["step"])
+            elapsed_before = float(state["elapsed_s"])
+            sampler.set_state(json.loads(state["sampler"]))
+            init_record = json.loads(state.get("init_from", "{}"))
+            generator.set_state(state["generator"])
+            log(f"resumed at step {step}")
     alphas_cumprod = spec.schedule.alphas_cumprod().to(torch.float32)
     timesteps = spec.schedule.trained_timesteps()
     log(f"model: {count_parameters(model) / 1e6:.2f} M parameters on {device}, world size {dist_info.world}")
@@ -496,6 +499,21 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
             dist.barrier()
             dist.destroy_process_group()
     return out / CHECKPOINT_DIR
+
+
+@contextlib.contextmanager
+def resume_errors(path: Path) -> Iterator[None]:
+    """A training state that cannot be read back (a pickle with code, a truncated or foreign
+    file, another network's weights) becomes one line, not a traceback."""
+    try:
+        yield
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, TypeError,
+            AttributeError, IndexError, OSError, zipfile.BadZipFile) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise WhatIsHealthyError(
+            f"{path}: not a training state this run can resume ({reason}); delete it to start "
+            "again, or resume with the options of the run that wrote it"
+        ) from None
 
 
 def save_state_atomic(state: dict, path: Path) -> None:
