@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from conftest import make_checkpoint, tiny_spec
 
 from napari_whatishealthy import cli
@@ -78,6 +79,41 @@ def test_train_writes_a_loadable_checkpoint_usable_by_localize(capsys, synthetic
     rc, _, err = run(capsys, "localize", case_dirs[0], "--out", tmp_path / "loc", "--model", out,
                      "--steps", 1, "--no-progress")
     assert rc == 0, err
+
+
+def test_train_init_from_continues_from_the_given_weights(capsys, synthetic_cases, tmp_path):
+    from safetensors.torch import load_file
+
+    tiny = ["--size", 16, "--batch", 4, "--channels", "8,16", "--attention", "0,1", "--amp", "off",
+            "--no-progress", "--log-every", 1]
+    rc, _, err = run(capsys, "train", synthetic_cases, "--out", tmp_path / "a", "--steps", 3, *tiny)
+    assert rc == 0, err
+    start = tmp_path / "a" / "checkpoint"
+    # With lr 0 the weights cannot move: the result is the starting model, bit for bit ...
+    rc, _, err = run(capsys, "train", synthetic_cases, "--out", tmp_path / "b", "--steps", 2,
+                     "--lr", 0, "--init-from", start, *tiny)
+    assert rc == 0, err
+    a, b = (load_file(str(d / "checkpoint" / "model.safetensors")) for d in (tmp_path / "a", tmp_path / "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    record = load_checkpoint(tmp_path / "b" / "checkpoint").spec.training
+    assert record["init_from"]["steps"] == 3 and record["total_steps"] == 5
+    # ... while the same run without --init-from starts from random weights.
+    rc, _, err = run(capsys, "train", synthetic_cases, "--out", tmp_path / "c", "--steps", 2,
+                     "--lr", 0, *tiny)
+    assert rc == 0, err
+    c = load_file(str(tmp_path / "c" / "checkpoint" / "model.safetensors"))
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_train_init_from_a_model_that_does_not_fit_says_what_differs(capsys, synthetic_cases,
+                                                                     tmp_path):
+    rc, _, err = run(capsys, "train", synthetic_cases, "--out", tmp_path / "x", "--steps", 1,
+                     "--init-from", "flair", "--size", 16, "--no-progress")
+    assert_one_line_error(rc, err, "train", "modalities flair (this run: flair,t1,t1ce,t2)")
+    assert "size 64 (this run: 16)" in err
+    rc, _, err = run(capsys, "train", synthetic_cases, "--out", tmp_path / "y", "--steps", 1,
+                     "--init-from", tmp_path / "nothing", "--no-progress")
+    assert_one_line_error(rc, err, "train", "no such model")
 
 
 # --------------------------------------------------------------------------------------------

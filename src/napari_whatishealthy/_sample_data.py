@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._layers import LayerDataTuple, read_case_folder, read_paths
-
-SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
+from .core.sample import SAMPLE_DIR
 
 
 def sample_case_path() -> Path:

@@ -201,34 +201,24 @@ def localize_job(request: JobRequest) -> Generator[Any, None, Any]:
     """Load the model (and the classifier, if any; both cached) and localize, yielding a
     StatusMessage or a pipeline Progress per step; returns the ``LocalizeResult`` or a
     :class:`JobFailed`."""
-    from .core import classifier, counterfactual, pipeline, registry
+    from .core import counterfactual
+    from .core.session import LocalizeSession
 
     try:
         yield StatusMessage("loading the model")
-        model, spec, digest = registry.load_model_cached(request.model, request.device)
-        folder = registry.resolve_model(request.model)
+        session = LocalizeSession.load(request.model, request.device)
         overrides = dict(request.overrides)
-        guide: dict[str, Any] = {}
         if request.classifier is not None:
-            yield StatusMessage("loading the classifier")
-            clf, _, clf_digest = classifier.load_classifier_cached(
-                request.classifier, request.device
-            )
-            guide = {
-                "classifier": clf,
-                "classifier_path": classifier.resolve_classifier(request.classifier),
-                "classifier_hash": clf_digest,
-            }
             overrides.setdefault("method", "classifier")
-        settings = pipeline.LocalizeSettings.from_spec(spec, device=request.device, **overrides)
+        settings = session.settings(device=request.device, **overrides)
+        if settings.method == "classifier":
+            yield StatusMessage("loading the classifier")
+        guide = session.load_guide(request.classifier, settings)
         yield StatusMessage("preparing the slices")
-        prepared = (request.cache.prepared(request.data, spec) if request.cache is not None
-                    else None)
-        gen = pipeline.iter_localize(
-            model, spec, request.data, settings, request.z_slices,
-            model_path=folder, model_hash=digest, inputs=request.inputs, prepared=prepared,
-            **guide,
-        )
+        prepared = (request.cache.prepared(request.data, session.spec)
+                    if request.cache is not None else None)
+        gen = session.iter_localize(request.data, settings, guide, request.z_slices,
+                                    inputs=request.inputs, prepared=prepared)
         result = yield from gen
         return result
     except WhatIsHealthyError as exc:

@@ -10,10 +10,8 @@ See docs/cli.md.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .core.errors import InputError, WhatIsHealthyError
@@ -43,12 +41,15 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
                         "grey matter)")
     p.add_argument("--voxel-size", type=float, default=1.0,
                    help="voxel size in mm over the BraTS field of view (1.0 gives 240x240x155)")
+    p.add_argument("--families", default="all",
+                   help="comma-separated lesion families to draw from: tumour, multifocal, "
+                        "wedge, diffuse, isointense (default all; see docs/cli.md)")
     p.add_argument("--overwrite", action="store_true", help="replace existing case files")
     p.set_defaults(func=_run_synth)
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from .core.synthetic import synthesise
+    from .core.synthetic import FAMILIES, synthesise
 
     if args.cases < 1:
         raise WhatIsHealthyError("--cases must be at least 1")
@@ -58,14 +59,22 @@ def _run_synth(args: argparse.Namespace) -> int:
             raise WhatIsHealthyError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
     if not 0.5 <= args.voxel_size <= 10.0:
         raise WhatIsHealthyError(f"--voxel-size must be in [0.5, 10] mm, got {args.voxel_size}")
+    families = None
+    if args.families.strip() != "all":
+        families = tuple(f.strip() for f in args.families.split(",") if f.strip())
+        unknown = sorted(set(families) - set(FAMILIES))
+        if unknown or not families:
+            raise WhatIsHealthyError(f"--families: unknown {', '.join(unknown) or '(none given)'}; "
+                                     f"choose from {', '.join(FAMILIES)} or all")
 
     def report(i: int, n: int, info) -> None:
-        print(f"[{i}/{n}] {info.name}: {info.kind}, {info.lesion_voxels} lesion voxels",
+        families = f" ({', '.join(info.families)})" if info.families else ""
+        print(f"[{i}/{n}] {info.name}: {info.kind}{families}, {info.lesion_voxels} lesion voxels",
               flush=True)
 
     synthesise(args.out, args.cases, seed=args.seed, healthy_fraction=args.healthy_fraction,
                subtle_fraction=args.subtle_fraction, voxel_size=args.voxel_size,
-               overwrite=args.overwrite, progress=report)
+               overwrite=args.overwrite, progress=report, families=families)
     print(f"wrote {args.cases} cases to {args.out}")
     return 0
 
@@ -175,6 +184,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-dropout", type=float, default=0.15,
                    help="probability of the null label (classifier-free guidance)")
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="start from this model's weights (a bundled name such as default or "
+                        "flair, or a checkpoint folder) to continue or fine-tune it; its "
+                        "modalities, size and network must match this run's")
     _add_network_options(p, NetworkSpec(), "UNet", "0,0,1")
     p.add_argument("--timestep-stride", type=int, default=10,
                    help="train on timesteps 0, k, 2k, ... of 1000 (the method's 100-step "
@@ -195,8 +209,11 @@ def _run_train(args: argparse.Namespace) -> int:
     network = NetworkSpec(channels=channels, attention_levels=attention,
                           num_res_blocks=args.res_blocks, norm_num_groups=groups,
                           num_head_channels=min(32, channels[-1]))
+    if args.warmup < 0:
+        raise WhatIsHealthyError("--warmup must be 0 or more")
     config = TrainConfig(**_run_options(args), label_dropout=args.label_dropout,
-                         ema_decay=args.ema_decay, network=network)
+                         ema_decay=args.ema_decay, network=network, warmup=args.warmup,
+                         init_from=args.init_from)
     train(config, show_progress=not args.no_progress)
     return 0
 
@@ -310,22 +327,20 @@ def _check_method(args: argparse.Namespace) -> str:
     return method
 
 
-def _load_model(args: argparse.Namespace, folder: Path | None = None):
-    """(model, spec, sha256, folder, settings) from the shared inference options.
-
-    ``folder``: the checkpoint chosen for the input (:func:`_choose_for_case`); None: the model
-    as named (``auto``: the bundled default).
-    """
+def _open_session(args: argparse.Namespace, folder: Path | None = None):
+    """(session, settings, guide) from the shared inference options: the model (``folder``:
+    the checkpoint chosen for the input; None: the model as named, ``auto``: the bundled
+    default), its settings with the options' overrides, and the classifier of --method
+    classifier (checked against the model)."""
     from .core.model_choice import AUTO
-    from .core.registry import DEFAULT_MODEL, load_model_cached, resolve_model
-    from .core.settings import LocalizeSettings
+    from .core.registry import DEFAULT_MODEL
+    from .core.session import LocalizeSession
 
     method = _check_method(args)
-    if folder is None:
-        folder = resolve_model(DEFAULT_MODEL if args.model == AUTO else args.model)
-    model, spec, digest = load_model_cached(folder, args.device)
-    settings = LocalizeSettings.from_spec(spec, **_settings_overrides(args), method=method)
-    return model, spec, digest, folder, settings
+    reference = folder or (DEFAULT_MODEL if args.model == AUTO else args.model)
+    session = LocalizeSession.load(reference, args.device)
+    settings = session.settings(**_settings_overrides(args), method=method)
+    return session, settings, session.load_guide(args.classifier, settings)
 
 
 def _settings_overrides(args: argparse.Namespace) -> dict:
@@ -340,35 +355,6 @@ def _settings_overrides(args: argparse.Namespace) -> dict:
     overrides = {k: v for k, v in vars(args).items() if k in names}
     overrides["amp"] = {"on": True, "off": False}.get(args.amp, args.amp)
     return overrides
-
-
-@dataclass
-class _Guide:
-    """The classifier for --method classifier, and what the provenance records of it."""
-
-    classifier: object = None
-    path: Path | None = None
-    sha256: str | None = None
-
-    def localize_kwargs(self) -> dict:
-        if self.classifier is None:
-            return {}
-        return {"classifier": self.classifier, "classifier_path": self.path,
-                "classifier_hash": self.sha256}
-
-
-def _load_classifier(args: argparse.Namespace, spec, settings) -> _Guide:
-    """Load and check the classifier of --method classifier (nothing otherwise)."""
-    if settings.method != "classifier":
-        return _Guide()
-    from .core.classifier import check_compatible, load_classifier_cached, resolve_classifier
-    from .core.counterfactual import timestep_plan
-
-    folder = resolve_classifier(args.classifier)
-    classifier, cspec, digest = load_classifier_cached(folder, args.device)
-    check_compatible(cspec, spec, timestep_plan(spec.schedule, settings.noise_level,
-                                                settings.steps))
-    return _Guide(classifier, folder, digest)
 
 
 class _Bar:
@@ -404,126 +390,8 @@ class _Bar:
             self.bar.close()
 
 
-def _drive(gen, callback):
-    while True:
-        try:
-            progress = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        callback(progress)
-
-
 # --------------------------------------------------------------------------------------------
 # localize
-
-
-@dataclass
-class _Case:
-    name: str
-    paths: list[Path]
-    modalities: dict[str, str] = field(default_factory=dict)
-    folder: Path | None = None  # the case folder, when given as one
-
-
-def _collect_cases(inputs: Sequence[str], modality: str | None) -> list[_Case]:
-    """INPUTs -> cases: case folders, folders of case folders, or NIfTI files grouped by case."""
-    from .core.data import discover_cases
-    from .core.volume import (
-        _SUFFIX_RE,
-        find_case_files,
-        is_case_folder,
-        is_nifti_path,
-        modality_from_name,
-        nifti_stem,
-    )
-
-    cases: list[_Case] = []
-    grouped: dict[tuple[Path, str], _Case] = {}
-    for text in inputs:
-        path = Path(text)
-        if not path.exists():
-            raise InputError(f"{path}: no such file or folder")
-        if path.is_dir():
-            folders = [path] if is_case_folder(path) else discover_cases(path)
-            for folder in folders:
-                files = find_case_files(folder)
-                cases.append(_Case(folder.name, list(files.values()), folder=folder))
-            continue
-        if not is_nifti_path(path):
-            raise InputError(f"{path}: not a NIfTI file name (.nii or .nii.gz); give NIfTI files "
-                             "or a case folder")
-        named = modality_from_name(path)
-        if named is None:
-            if modality is None:
-                # A lone unnamed file: its modality is settled once the model is known.
-                cases.append(_Case(nifti_stem(path), [path]))
-            else:
-                cases.append(_Case(nifti_stem(path), [path], {str(path): modality}))
-            continue
-        stem = nifti_stem(path)
-        match = _SUFFIX_RE.search(stem)
-        name = stem[: match.start()] if match else stem
-        key = (path.resolve().parent, name)
-        if key not in grouped:
-            grouped[key] = _Case(name, [])
-            cases.append(grouped[key])
-        grouped[key].paths.append(path)
-    seen: dict[str, _Case] = {}
-    for case in cases:
-        if case.name in seen:
-            raise InputError(f"two inputs are both case {case.name!r}; their outputs would "
-                             "collide: run them into separate --out folders")
-        seen[case.name] = case
-    return cases
-
-
-def _case_modalities(case: _Case) -> tuple[str, ...]:
-    """The modalities a case provides, from its file names (or --modality), without reading
-    the images; ``("image",)`` for a lone file whose modality is unknown."""
-    from .core.model_choice import UNKNOWN_MODALITY
-    from .core.volume import find_case_files, modality_from_name
-
-    if case.folder is not None:
-        return tuple(m for m in find_case_files(case.folder) if m != "seg")
-    found: list[str] = []
-    for path in case.paths:
-        given = case.modalities.get(str(path))
-        if given:
-            found.extend(m.strip() for m in given.split(","))
-        else:
-            found.append(modality_from_name(path) or UNKNOWN_MODALITY)
-    return tuple(dict.fromkeys(m for m in found if m != "seg"))
-
-
-def _choose_for_case(case: _Case, requested: str):
-    """The model choice for one case; errors name the case's files."""
-    from .core.model_choice import choose_model
-
-    try:
-        return choose_model(_case_modalities(case), requested)
-    except InputError as exc:
-        where = case.folder or case.paths[0]
-        raise InputError(f"{where}: {exc}") from None
-
-
-def _load_case(case: _Case, spec):
-    from .core.volume import load_volume
-
-    volume = load_volume(case.paths, modalities=case.modalities, name=case.name)
-    return volume.select(spec.modalities)
-
-
-def _grid_voxels(case: _Case) -> int:
-    """Voxels of the case's source grid, from the first file's header (0 if unreadable: the
-    loader then says why)."""
-    import math
-
-    import nibabel as nib
-
-    try:
-        return math.prod(int(n) for n in nib.load(str(case.paths[0])).shape[:3])
-    except Exception:  # noqa: BLE001 - reading the image later gives the one-line reason
-        return 0
 
 
 def _add_localize(sub: argparse._SubParsersAction) -> None:
@@ -547,19 +415,17 @@ def _add_localize(sub: argparse._SubParsersAction) -> None:
 def _run_localize(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .core.pipeline import check_outputs, iter_localize, output_paths, write_outputs
+    from .core.cases import choose_for_case, collect_cases
+    from .core.pipeline import check_outputs, output_paths, write_outputs
+    from .core.steps import drain
 
-    if args.modality is not None:
-        from .core.volume import _MODALITY_ALIASES
-
-        args.modality = _MODALITY_ALIASES.get(args.modality.lower(), args.modality.lower())
-    cases = _collect_cases(args.inputs, args.modality)
+    cases = collect_cases(args.inputs, args.modality)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: --out must be a folder")
     _check_method(args)
     # Each case's model, and every impossible output, before minutes of work.
-    choices = [_choose_for_case(case, args.model) for case in cases]
+    choices = [choose_for_case(case, args.model) for case in cases]
     guide_files = _files_in(args.classifier)
     for case, choice in zip(cases, choices, strict=True):
         parents = {p.resolve().parent for p in case.paths}
@@ -571,23 +437,20 @@ def _run_localize(args: argparse.Namespace) -> int:
             )
         paths = output_paths(out, case.name, choice.spec.modalities, args.all_channels)
         check_outputs(paths, [*case.paths, *_files_in(choice.folder), *guide_files],
-                      args.overwrite, voxels=_grid_voxels(case))
+                      args.overwrite, voxels=case.grid_voxels())
     for i, (case, choice) in enumerate(zip(cases, choices, strict=True)):
-        model, spec, digest, folder, settings = _load_model(args, choice.folder)
-        guide = _load_classifier(args, spec, settings)
-        volume = _load_case(case, spec)
-        gen = iter_localize(model, spec, volume.data, settings, model_path=folder,
-                            model_hash=digest, inputs=volume.source_paths,
-                            **guide.localize_kwargs())
+        session, settings, guide = _open_session(args, choice.folder)
+        volume = case.load(session.spec)
+        gen = session.iter_localize(volume.data, settings, guide, inputs=volume.source_paths)
         label = f"{case.name} [{i + 1}/{len(cases)}]" if len(cases) > 1 else case.name
         bar = _Bar(label, not args.no_progress)
         try:
-            result = _drive(gen, bar)
+            result = drain(gen, bar)
         finally:
             bar.close()
         paths = write_outputs(result, volume, out, overwrite=args.overwrite,
                               all_channels=args.all_channels,
-                              inputs=[*_files_in(folder), *guide_files])
+                              inputs=[*_files_in(session.folder), *guide_files])
         voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
         flagged = int(result.mask.sum())
         for warning in result.warnings:
@@ -623,18 +486,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _choose_for_data(args: argparse.Namespace) -> Path:
     """The model for ``evaluate``: one that every case's modalities fit."""
+    from .core.cases import choose_for_folders
     from .core.data import discover_cases
-    from .core.model_choice import choose_model
-    from .core.volume import find_case_files
 
     folders = discover_cases(args.data)
     if args.cases is not None:
         folders = folders[: args.cases]
-    common: list[str] | None = None
-    for folder in folders:
-        have = [m for m in find_case_files(folder) if m != "seg"]
-        common = have if common is None else [m for m in common if m in have]
-    choice = choose_model(common or (), args.model)
+    choice = choose_for_folders(folders, args.model)
     print(f"model {choice.reason}", flush=True)
     return choice.folder
 
@@ -673,15 +531,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             raise InputError(f"{json_path}: is a folder; --json takes a file name")
         check_target(json_path, inputs, args.overwrite)
         check_folder(json_path.parent)
-    model, spec, digest, folder, settings = _load_model(args, model_folder)
-    guide = _load_classifier(args, spec, settings)
-    classifier_info = None
-    if guide.classifier is not None:
-        from .core.classifier import resolve_scale
-
-        classifier_info = {"name": guide.classifier.spec.name, "path": str(guide.path),
-                           "sha256": guide.sha256,
-                           "scale": resolve_scale(settings.classifier_scale, guide.classifier)}
+    session, settings, guide = _open_session(args, model_folder)
+    classifier_info = guide.record(settings)
     bar = _Bar("", not args.no_progress)
 
     def on_case(i: int, n: int, name: str, which: str) -> None:
@@ -689,10 +540,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     try:
         report = evaluate(
-            args.data, model, spec, settings,
+            args.data, session.model, session.spec, settings,
             calibration=args.calibration, limit=args.cases,
             calibration_limit=args.calibration_cases,
-            model_info={"name": spec.name, "path": str(folder), "sha256": digest},
+            model_info=session.model_record(),
             on_case=on_case, on_step=bar,
             classifier=guide.classifier, classifier_info=classifier_info,
             z_stride=args.z_stride,
@@ -711,38 +562,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------
 # demo
-
-
-SAMPLE_SEED = 7
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "napari-whatishealthy"
-
-
-def sample_case_path() -> Path:
-    """The bundled sample case folder (from the napari layer), or one synthetic case made once
-    into the user cache (voxel size 2 mm, a typical lesion)."""
-    try:
-        from ._sample_data import sample_case_path as bundled
-
-        path = Path(bundled())
-        if path.is_dir():
-            return path
-    except (ImportError, AttributeError, OSError, WhatIsHealthyError):
-        pass
-    from .core.synthetic import synthesise
-    from .core.volume import is_case_folder
-
-    root = _cache_dir() / "sample-synthetic-v1"
-    name = f"Synth_{SAMPLE_SEED:04d}_0000"
-    folder = root / name
-    if not is_case_folder(folder):
-        print(f"making a synthetic sample case in {root} (once)", file=sys.stderr)
-        synthesise(root, 1, seed=SAMPLE_SEED, healthy_fraction=0.0, subtle_fraction=0.0,
-                   voxel_size=2.0, overwrite=True)
-    return folder
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -768,24 +587,27 @@ def _run_demo(args: argparse.Namespace) -> int:
     if not args.headless and (args.classifier is not None or args.method == "classifier"):
         raise WhatIsHealthyError("classifier guidance in the demo needs --headless (the window "
                                  "uses the widget's settings)")
+    from .core.sample import sample_case_path
+
     sample = Path(args.sample) if args.sample else sample_case_path()
     if not args.headless:
         return _demo_gui(sample, args)
-    from .core.pipeline import iter_localize, write_outputs
+    from .core.cases import case_name_from_files
+    from .core.figure import save_figure
+    from .core.pipeline import write_outputs
+    from .core.steps import drain
     from .core.volume import load_volume
 
-    model, spec, digest, folder, settings = _load_model(args)
-    guide = _load_classifier(args, spec, settings)
-    volume = load_volume(sample, name=_case_name_from_files(sample)).select(spec.modalities)
+    session, settings, guide = _open_session(args)
+    folder = session.folder
+    volume = load_volume(sample, name=case_name_from_files(sample)).select(session.spec.modalities)
     out = Path(args.out)
     if out.resolve() == sample.resolve():
         raise InputError(f"{out}: is the sample folder; choose another --out")
-    gen = iter_localize(model, spec, volume.data, settings, model_path=folder,
-                        model_hash=digest, inputs=volume.source_paths,
-                        **guide.localize_kwargs())
+    gen = session.iter_localize(volume.data, settings, guide, inputs=volume.source_paths)
     bar = _Bar(volume.name, not args.no_progress)
     try:
-        result = _drive(gen, bar)
+        result = drain(gen, bar)
     finally:
         bar.close()
     paths = write_outputs(result, volume, out, overwrite=True, inputs=_files_in(folder))
@@ -796,18 +618,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     for path in [*paths.values(), figure]:
         print(f"wrote {path}")
     return 0
-
-
-def _case_name_from_files(folder: Path) -> str | None:
-    """``Sample`` for a folder holding ``Sample_flair.nii.gz`` ... (None: use the folder name)."""
-    from .core.volume import _SUFFIX_RE, find_case_files, nifti_stem
-
-    files = find_case_files(folder)
-    if not files:
-        return None
-    stem = nifti_stem(next(iter(files.values())))
-    match = _SUFFIX_RE.search(stem)
-    return stem[: match.start()] if match else None
 
 
 def _demo_gui(sample: Path, args: argparse.Namespace) -> int:
@@ -846,104 +656,6 @@ def _demo_gui(sample: Path, args: argparse.Namespace) -> int:
               file=sys.stderr)
     napari.run()
     return 0
-
-
-def _figure_slices(volume, result, count: int = 3) -> list[int]:
-    import numpy as np
-
-    if volume.segmentation is not None and (volume.segmentation > 0).any():
-        area = (volume.segmentation > 0).sum(axis=(0, 1))
-    elif result.mask.any():
-        area = result.mask.sum(axis=(0, 1))
-    else:
-        area = result.brain.sum(axis=(0, 1))
-    zs = np.flatnonzero(area)
-    if zs.size == 0:
-        return [volume.shape[2] // 2]
-    best = int(np.argmax(area))
-    lo, hi = int(zs[0]), int(zs[-1])
-    picks = [best, (lo + best) // 2, (best + hi + 1) // 2]
-    out: list[int] = []
-    for z in picks:
-        if z not in out:
-            out.append(z)
-    return sorted(out)[:count]
-
-
-def save_figure(volume, result, path: str | Path, tile: int = 200, overwrite: bool = True,
-                inputs: Sequence[str | Path] = ()) -> Path:
-    """A PNG of axial slices through the lesion: input FLAIR, healthy, difference, mask and the
-    ground truth (when the case has one). Neurological view: anterior up, right on the right.
-    Never written over the volume's files or ``inputs``."""
-    inputs = (*volume.input_paths, *inputs)
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    c = volume.modalities.index("flair") if "flair" in volume.modalities else 0
-    image = volume.data[c]
-    healthy = result.healthy[c]
-    brain = result.brain
-    hi = float(np.percentile(image[brain], 99.9)) if brain.any() else float(image.max() or 1.0)
-    hi = hi if hi > 0 else 1.0
-    dmax = max(float(np.percentile(result.difference[brain], 99.9)) if brain.any() else 0.0,
-               2.0 * result.threshold_used, 1e-6)
-    has_truth = volume.segmentation is not None
-    titles = ["input FLAIR", "healthy", "difference", "mask"] + (["ground truth"] if has_truth
-                                                                  else [])
-
-    def view(a: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(a.T[::-1])  # rows: anterior at the top
-
-    def gray(a: np.ndarray) -> np.ndarray:
-        g = np.clip(a / hi, 0, 1) * 255
-        return np.repeat(g[..., None], 3, axis=-1).astype(np.uint8)
-
-    def hot(a: np.ndarray) -> np.ndarray:
-        v = np.clip(a / dmax, 0, 1)
-        rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)],
-                       axis=-1)
-        return (rgb * 255).astype(np.uint8)
-
-    def overlay(a: np.ndarray, m: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
-        rgb = gray(a).astype(np.float32)
-        sel = m > 0
-        rgb[sel] = 0.45 * rgb[sel] + 0.55 * np.array(colour, np.float32)
-        return rgb.astype(np.uint8)
-
-    rows = []
-    zs = _figure_slices(volume, result)
-    for z in zs:
-        tiles = [gray(view(image[..., z])), gray(view(healthy[..., z])),
-                 hot(view(result.difference[..., z])),
-                 overlay(view(image[..., z]), view(result.mask[..., z]), (255, 40, 40))]
-        if has_truth:
-            tiles.append(overlay(view(image[..., z]), view(volume.segmentation[..., z]),
-                                 (40, 220, 40)))
-        rows.append(tiles)
-    h0, w0 = rows[0][0].shape[:2]
-    scale = tile / max(h0, w0)
-    th, tw = max(1, round(h0 * scale)), max(1, round(w0 * scale))
-    header, label_w, pad = 22, 48, 4
-    ncol = len(titles)
-    canvas = Image.new("RGB", (label_w + ncol * (tw + pad), header + len(rows) * (th + pad)),
-                       (0, 0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for j, title in enumerate(titles):
-        draw.text((label_w + j * (tw + pad) + 4, 4), title, fill=(255, 255, 255))
-    for i, (z, tiles) in enumerate(zip(zs, rows, strict=True)):
-        y = header + i * (th + pad)
-        draw.text((4, y + th // 2 - 6), f"z={z}", fill=(255, 255, 255))
-        for j, t in enumerate(tiles):
-            img = Image.fromarray(t, "RGB").resize((tw, th), Image.Resampling.NEAREST)
-            canvas.paste(img, (label_w + j * (tw + pad), y))
-    footer = (f"threshold {result.threshold_used:.3g}; difference shown 0..{dmax:.3g}; "
-              "anterior up, patient's right on the right")
-    out = Image.new("RGB", (canvas.width, canvas.height + 18), (0, 0, 0))
-    out.paste(canvas, (0, 0))
-    ImageDraw.Draw(out).text((4, canvas.height + 2), footer, fill=(200, 200, 200))
-    from .core.output import write_file
-
-    return write_file(path, lambda tmp: out.save(tmp, format="PNG"), inputs, overwrite)
 
 
 # --------------------------------------------------------------------------------------------

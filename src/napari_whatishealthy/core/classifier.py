@@ -380,6 +380,18 @@ def resolve_scale(scale: float | None, classifier: Any) -> float:
     return DEFAULT_SCALE
 
 
+def classifier_record(
+    classifier: Any, path: str | Path | None, sha256: str | None, scale: float | None
+) -> dict[str, Any]:
+    """What a run's provenance (and an evaluation report) records of its guiding classifier."""
+    return {
+        "name": getattr(getattr(classifier, "spec", None), "name", None),
+        "path": str(Path(path).resolve()) if path else None,
+        "sha256": sha256,
+        "scale": resolve_scale(scale, classifier),
+    }
+
+
 def log_prob(classifier: nn.Module, x: torch.Tensor, t: torch.Tensor | int,
              class_index: int) -> torch.Tensor:
     """``log p(class | x_t, t)`` per sample ([B], float32)."""

@@ -55,8 +55,7 @@ import logging
 import math
 from collections.abc import Callable, Generator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,6 +65,7 @@ from .device import resolve_device
 from .errors import WhatIsHealthyError
 from .model import HEALTHY, NULL, ModelSpec, ScheduleSpec
 from .settings import METHODS, AmpSetting, LocalizeSettings, check_noise_and_steps
+from .steps import Progress, drain, relay
 
 _log = logging.getLogger(__name__)
 
@@ -89,15 +89,6 @@ __all__ = [
     "timestep_plan",
     "use_channels_last",
 ]
-
-
-@dataclass(frozen=True)
-class Progress:
-    """One network step done: ``step`` of ``total`` (both counted over all chunks)."""
-
-    step: int
-    total: int
-    phase: Literal["invert", "decode"]
 
 
 # The counterfactual reads the one settings type (core.settings); this name is kept for callers
@@ -339,14 +330,6 @@ def _decode_iter(
     return x
 
 
-def _run(gen: Generator[None, None, torch.Tensor]) -> torch.Tensor:
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
-
-
 def invert(
     predictor: Predictor,
     x0: torch.Tensor,
@@ -358,7 +341,7 @@ def invert(
     amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """DDIM inversion (eta = 0) of clean ``x0`` through the levels of ``plan``; returns x_{t_K}."""
-    return _run(
+    return drain(
         _invert_iter(predictor, x0, plan, alphas_cumprod, null_label, refinements, amp_dtype)
     )
 
@@ -386,7 +369,7 @@ def decode(
     ``classifier_class`` at scale ``classifier_scale`` replaces classifier-free guidance
     (``guidance`` is then unused).
     """
-    return _run(
+    return drain(
         _decode_iter(
             predictor, xt, plan, alphas_cumprod, guidance, target_label, null_label,
             dynamic_normalisation, batched_guidance, amp_dtype,
@@ -580,20 +563,12 @@ def _iterate(
     total = math.ceil(n / batch) * per_chunk
     done = 0
 
-    def relay(
-        gen: Generator[None, None, torch.Tensor], phase: Any
-    ) -> Generator[Progress, None, torch.Tensor]:
-        nonlocal done
-        try:
-            while True:
-                try:
-                    next(gen)
-                except StopIteration as stop:
-                    return stop.value
-                done += 1
-                yield Progress(done, total, phase)
-        finally:
-            gen.close()  # on our own close(): stop the inner generator too
+    def count(phase: Any) -> Callable[[None], Progress]:
+        def step(_: None) -> Progress:
+            nonlocal done
+            done += 1
+            return Progress(done, total, phase)
+        return step
 
     start = 0
     while start < n:
@@ -606,14 +581,14 @@ def _iterate(
             xt = yield from relay(
                 _invert_iter(model, x0, plan, alphas, null_label,
                              settings.inversion_refinements, amp_dtype),
-                "invert",
+                count("invert"),
             )
             del x0
             healthy = yield from relay(
                 _decode_iter(model, xt, plan, alphas, settings.guidance, settings.target_label,
                              null_label, settings.dynamic_normalisation, True, amp_dtype,
                              *(guide or ())),
-                "decode",
+                count("decode"),
             )
             del xt
             out[start:stop] = healthy.to("cpu", torch.float32).numpy()
@@ -655,14 +630,3 @@ def counterfactual(
     """Run :func:`iter_counterfactual` to the end; ``progress_callback`` gets each Progress."""
     gen = iter_counterfactual(model, slices, settings, schedule=schedule, null_label=null_label)
     return drain(gen, progress_callback)
-
-
-def drain(gen: Generator[Progress, None, Any], progress_callback: Callable[[Progress], Any] | None = None) -> Any:
-    """Run a progress generator to the end and return its value; the callback gets each step."""
-    while True:
-        try:
-            progress = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if progress_callback is not None:
-            progress_callback(progress)

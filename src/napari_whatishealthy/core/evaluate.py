@@ -58,6 +58,7 @@ from .pipeline import LocalizeSettings, iter_localize, prepare_input
 from .preprocess import normalise
 from .provenance import jsonable, versions
 from .settings import is_integer
+from .steps import drain
 
 FORMAT = "napari-whatishealthy/evaluation/1"
 METHODS = ("counterfactual", "flair_baseline")
@@ -160,14 +161,7 @@ def score_case(
     z_slices = None if z_stride == 1 else prepared.slice_index[::z_stride].tolist()
     gen = iter_localize(model, spec, volume.data, settings, z_slices, classifier=classifier,
                         prepared=prepared)
-    while True:
-        try:
-            progress = next(gen)
-        except StopIteration as stop:
-            result = stop.value
-            break
-        if on_step is not None:
-            on_step(progress)
+    result = drain(gen, on_step)
     brain = result.brain
     if z_slices is not None:  # score only the slices that were run
         brain = brain.copy()

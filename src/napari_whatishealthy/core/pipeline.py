@@ -42,13 +42,14 @@ import numpy as np
 import torch
 
 from .anomaly import difference_maps, make_mask, median_smooth, otsu_threshold
-from .counterfactual import Progress, drain, iter_counterfactual, model_device
+from .counterfactual import iter_counterfactual, model_device
 from .device import resolve_device
 from .errors import InputError, WhatIsHealthyError
 from .model import ModelSpec
 from .preprocess import PreparedVolume, prepare, to_slices
 from .provenance import make_provenance
 from .settings import THRESHOLD_CHOICES, LocalizeSettings, parse_threshold
+from .steps import Progress, drain
 
 __all__ = [
     "LocalizeResult",
@@ -274,15 +275,10 @@ def iter_localize(
                                 dataclasses.replace(settings, classifier=guided_by))
     classifier_info = None
     if guided_by is not None:
-        from .classifier import resolve_scale
+        from .classifier import classifier_record
 
-        cspec = getattr(guided_by, "spec", None)
-        classifier_info = {
-            "name": getattr(cspec, "name", None),
-            "path": str(Path(classifier_path).resolve()) if classifier_path else None,
-            "sha256": classifier_hash,
-            "scale": resolve_scale(settings.classifier_scale, guided_by),
-        }
+        classifier_info = classifier_record(guided_by, classifier_path, classifier_hash,
+                                            settings.classifier_scale)
     return _run(
         inner, data, prepared, sub, settings, spec, device, z_slices,
         model_path, model_hash, tuple(inputs), classifier_info,

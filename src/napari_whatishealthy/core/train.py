@@ -84,6 +84,8 @@ class TrainConfig:
     checkpoint_every: int = 250
     time_limit_min: float | None = None
     resume: bool = False
+    # A bundled model's name or a checkpoint folder whose weights start this run (fine-tuning).
+    init_from: str | None = None
     network: NetworkSpec = field(default_factory=NetworkSpec)
     timestep_stride: int = 10
     name: str = "whatishealthy"
@@ -169,13 +171,48 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Epsilon-prediction MSE at timesteps drawn from the trained set."""
-    pick = torch.randint(0, len(timesteps), (x0.shape[0],), generator=generator)
-    t = timesteps[pick].to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    where = generator.device if generator is not None else torch.device("cpu")
+    pick = torch.randint(0, len(timesteps), (x0.shape[0],), generator=generator, device=where)
+    t = timesteps.to(where)[pick].to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=where).to(x0.device)
     ab = alphas_cumprod[t].to(x0.device, torch.float32).view(-1, 1, 1, 1)
     xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     pred = model(xt, t, labels)
     return F.mse_loss(pred.float(), noise)
+
+
+def _init_spec_mismatch(base: ModelSpec, spec: ModelSpec) -> list[str]:
+    """What differs between the model to start from and the one this run trains (empty: fits)."""
+    differences = []
+    if tuple(base.modalities) != tuple(spec.modalities):
+        differences.append(f"modalities {','.join(base.modalities)} (this run: {','.join(spec.modalities)})")
+    if base.image_size != spec.image_size:
+        differences.append(f"size {base.image_size} (this run: {spec.image_size})")
+    if asdict(base.network) != asdict(spec.network):
+        differences.append("network (--channels / --attention / --res-blocks)")
+    if base.labels != spec.labels:
+        differences.append(f"labels {base.labels}")
+    if asdict(base.schedule) != asdict(spec.schedule):
+        differences.append("noise schedule (--timestep-stride)")
+    return differences
+
+
+def load_initial_weights(init_from: str, spec: ModelSpec) -> tuple[dict[str, torch.Tensor], ModelSpec, Path]:
+    """Weights, spec and folder of the model named by ``init_from`` (bundled name or folder),
+    refused with one line saying what differs when it does not fit ``spec``."""
+    from .model import load_spec, read_safetensors
+    from .registry import resolve_model
+
+    folder = resolve_model(init_from)
+    base = load_spec(folder)
+    differences = _init_spec_mismatch(base, spec)
+    if differences:
+        hint = f" (e.g. --modalities {','.join(base.modalities)} --size {base.image_size})"
+        raise WhatIsHealthyError(
+            f"--init-from {init_from}: that model does not fit this run: it has "
+            f"{'; '.join(differences)}{hint}"
+        )
+    return read_safetensors(folder / "model.safetensors"), base, folder
 
 
 def _split_cases(n_cases: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -219,8 +256,7 @@ def _store_info(slices: SliceSet | SliceStore) -> dict[str, Any]:
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-            e.lerp_(p.detach(), 1.0 - decay)
+        torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
         for e, b in zip(ema.buffers(), model.buffers(), strict=True):
             e.copy_(b)
 
@@ -278,12 +314,6 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
             f"{out}: holds a training run already; pass --resume to continue it or choose another --out"
         )
     torch.manual_seed(config.seed + dist_info.rank)
-    slice_set = _load_data(config, dist_info, log, show_progress)
-    train_cases, val_cases = _split_cases(len(slice_set.cases), config.val_fraction, config.seed)
-    train_set, val_set = slice_set.subset(train_cases), slice_set.subset(val_cases)
-    log(f"slices: train {train_set.counts()} from {len(train_cases)} cases, "
-        f"validation {val_set.counts()} from {len(val_cases)} cases")
-
     spec = ModelSpec(
         image_size=config.size,
         modalities=tuple(config.modalities),
@@ -291,13 +321,33 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
         name=config.name,
     )
     spec.schedule.timestep_stride = config.timestep_stride
-    model = build_model(spec).to(device)
+    model = build_model(spec)
+    init_record: dict = {}
+    if config.init_from and not (config.resume and state_path.exists()):
+        from .model import checkpoint_hash, load_state_strict
+
+        weights, base, folder = load_initial_weights(config.init_from, spec)
+        load_state_strict(model, weights, f"--init-from {config.init_from}: the weights do not match its spec")
+        # Until the new weights are tuned, the starting model's recommended settings are the best guess.
+        spec.inference = copy.deepcopy(base.inference)
+        before = int(base.training.get("total_steps", base.training.get("steps", 0)))
+        init_record = {"model": str(config.init_from), "sha256": checkpoint_hash(folder), "steps": before}
+        log(f"starting from {config.init_from} ({folder}, {before} steps)")
+    slice_set = _load_data(config, dist_info, log, show_progress)
+    train_cases, val_cases = _split_cases(len(slice_set.cases), config.val_fraction, config.seed)
+    train_set, val_set = slice_set.subset(train_cases), slice_set.subset(val_cases)
+    log(f"slices: train {train_set.counts()} from {len(train_cases)} cases, "
+        f"validation {val_set.counts()} from {len(val_cases)} cases")
+
+    model = model.to(device)
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sampler = BalancedSampler(train_set.labels, config.seed + 7919 * dist_info.rank)
-    generator = torch.Generator().manual_seed(config.seed * 1000 + dist_info.rank)
+    # On a GPU the noise is drawn there (drawing it on the CPU starved the GPU at batch 256).
+    generator = torch.Generator(device=device if device.type == "cuda" else "cpu")
+    generator.manual_seed(config.seed * 1000 + dist_info.rank)
     step = 0
     elapsed_before = 0.0
     if config.resume and state_path.exists():
@@ -308,6 +358,7 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
         step = int(state["step"])
         elapsed_before = float(state["elapsed_s"])
         sampler.set_state(json.loads(state["sampler"]))
+        init_record = json.loads(state.get("init_from", "{}"))
         generator.set_state(state["generator"])
         log(f"resumed at step {step}")
     alphas_cumprod = spec.schedule.alphas_cumprod().to(torch.float32)
@@ -340,6 +391,9 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
             "world_size": dist_info.world,
             "torch": torch.__version__,
         }
+        if init_record:
+            spec.training["init_from"] = init_record
+            spec.training["total_steps"] = init_record["steps"] + step
         save_checkpoint(ema, out / CHECKPOINT_DIR, spec)
         state = {
             "model": model.state_dict(),
@@ -350,6 +404,7 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
             "sampler": json.dumps(sampler.state()),
             "generator": generator.get_state(),
             "config": json.dumps(asdict(config)),
+            "init_from": json.dumps(init_record),
         }
         save_state_atomic(state, state_path)
         if final:
@@ -363,6 +418,11 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
 
         progress = tqdm(total=config.steps, initial=step, unit="step", dynamic_ncols=True)
     log_file = open(out / LOG_FILE, "a") if dist_info.is_main else None  # noqa: SIM115
+    # On a GPU the training slices live there (float16), so that batches cost no host copies.
+    slices_on_device = (
+        torch.from_numpy(train_set.read(np.arange(len(train_set)))).to(device)
+        if device.type == "cuda" else None
+    )
     model.train()
     window_loss, window_n, window_t = 0.0, 0, time.time()
     try:
@@ -371,11 +431,14 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
                 log(f"time limit of {config.time_limit_min} min reached at step {step}")
                 break
             index = sampler.sample(config.batch)
-            x0 = torch.from_numpy(train_set.read(index).astype(np.float32))
-            if torch.rand((), generator=generator) < 0.5:
+            if slices_on_device is not None:
+                x0 = slices_on_device[torch.from_numpy(index).to(device)].float()
+            else:
+                x0 = torch.from_numpy(train_set.read(index).astype(np.float32))
+            if torch.rand((), generator=generator, device=generator.device) < 0.5:
                 x0 = x0.flip(-2)  # left-right flip: brains are roughly symmetric
-            labels = torch.from_numpy(train_set.labels[index].copy())
-            drop = torch.rand(labels.shape, generator=generator) < config.label_dropout
+            labels = torch.from_numpy(train_set.labels[index].copy()).to(generator.device)
+            drop = torch.rand(labels.shape, generator=generator, device=generator.device) < config.label_dropout
             labels[drop] = NULL
             x0, labels = x0.to(device), labels.to(device)
             lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup))

@@ -83,6 +83,20 @@ def modality_from_name(path: str | Path) -> str | None:
     return _MODALITY_ALIASES.get(match.group(1).lower())
 
 
+def case_stem(path: str | Path) -> str:
+    """A file's name without the NIfTI suffix and the modality suffix (``Case_flair.nii.gz`` ->
+    ``Case``): the case it belongs to."""
+    stem = nifti_stem(path)
+    match = _SUFFIX_RE.search(stem)
+    return stem[: match.start()] if match else stem
+
+
+def canonical_modality(name: str) -> str:
+    """A modality name in this project's vocabulary (``T2F`` -> ``flair``); unknown names are
+    kept, lower-cased."""
+    return _MODALITY_ALIASES.get(name.lower(), name.lower())
+
+
 def max_voxels_bound(max_voxels: int | None = None) -> int | None:
     """The voxel bound in force: ``max_voxels`` if given, else ``$WHATISHEALTHY_MAX_VOXELS``,
     else :data:`DEFAULT_MAX_VOXELS`; None means no bound (``0``, ``none`` or ``off``)."""
