@@ -144,3 +144,251 @@ def test_closing_the_viewer_stops_a_run(make_napari_viewer, qtbot, lesion_case, 
     assert not worker.is_running  # stopped and waited for, not left running
     assert len(steps_done) < 20  # it did not run to its end
     assert "flair mask" not in [lay.name for lay in viewer.layers]
+
+
+# ------------------------------------------------------------------------------------------------
+# Lesion table and histogram, on their own in a viewer
+
+
+def _two_lesion_labels(viewer):
+    data = np.zeros((20, 30, 40), np.uint8)
+    data[2:6, 10:14, 10:15] = 1  # 80 voxels
+    data[12, 20:22, 30] = 1  # 2 voxels
+    difference = np.where(data > 0, 0.5, 0.0).astype(np.float32)
+    layer = viewer.add_labels(data, name="m", scale=(2.0, 1.0, 1.0), translate=(-10.0, 0, 0))
+    return layer, difference
+
+
+def test_lesion_table_follows_the_mask_and_jumps_to_a_lesion(make_napari_viewer, qtbot,
+                                                             tmp_path):
+    from napari_whatishealthy._lesion_table import LesionTable, lesion_csv_path
+
+    viewer = make_napari_viewer()
+    layer, difference = _two_lesion_labels(viewer)
+    table = LesionTable(viewer)
+    viewer.window.add_dock_widget(table)
+    table.bind(layer, difference)
+    assert table.table.rowCount() == 2
+    assert table.table.item(0, 1).text() == f"{80 * 2 / 1000:.2f}"  # mL with the 2 mm slices
+    assert table.table.isColumnHidden(4)  # no uncertainty map: no column for it
+    assert list(layer.features["voxels"]) == [80, 2]  # other plugins read it from the layer
+
+    table.table.cellClicked.emit(1, 0)  # the small lesion, on slice 12
+    assert viewer.dims.point[0] == pytest.approx(layer.data_to_world((12, 0, 0))[0])
+    np.testing.assert_allclose(viewer.camera.center[-2:], (20.5, 30.0))
+
+    # A brush stroke (the paint event) adds a lesion; the table follows after the debounce.
+    layer.paint((18, 2, 2), 1)
+    qtbot.waitUntil(lambda: table.table.rowCount() == 3, timeout=5000)
+    # A new array (what a threshold move does) too.
+    layer.data = np.zeros_like(layer.data)
+    qtbot.waitUntil(lambda: table.table.rowCount() == 0, timeout=5000)
+    assert "No lesion" in table.summary.text()
+
+    path = table.write_csv(lesion_csv_path(tmp_path / "case_mask.nii.gz"))
+    assert path.name == "case_mask_lesions.csv"
+    assert path.read_text().splitlines()[0].startswith("lesion,voxels,volume_ml")
+
+
+def test_histogram_marks_thresholds_and_picks_one(make_napari_viewer, qtbot):
+    from qtpy.QtCore import QPoint, Qt
+
+    from napari_whatishealthy._histogram import CURRENT, OTSU, RECOMMENDED, DifferenceHistogramView
+    from napari_whatishealthy.core.lesions import difference_histogram
+
+    rng = np.random.default_rng(0)
+    difference = np.concatenate([rng.normal(0.1, 0.02, 5000), rng.normal(0.7, 0.05, 300)])
+    hist = difference_histogram(difference.reshape(-1, 1, 1), None, recommended=0.4, top=1.0)
+    view = DifferenceHistogramView()
+    qtbot.addWidget(view)
+    view.resize(400, 80)
+    view.set_histogram(hist)
+    view.set_current(0.55)
+    view.show()
+    qtbot.waitExposed(view)
+    image = view.grab().toImage()
+
+    def column_has(colour, value) -> bool:
+        x = int(round(view.x_of(value)))
+        return any(
+            abs(image.pixelColor(xx, y).red() - colour.red()) < 30
+            and abs(image.pixelColor(xx, y).green() - colour.green()) < 30
+            and abs(image.pixelColor(xx, y).blue() - colour.blue()) < 30
+            for xx in (x - 1, x, x + 1) for y in range(8, 70)
+        )
+
+    assert column_has(CURRENT, 0.55)
+    assert column_has(RECOMMENDED, 0.4)
+    assert column_has(OTSU, view.markers()["otsu"])
+    with qtbot.waitSignal(view.threshold_picked) as picked:
+        qtbot.mouseClick(view, Qt.MouseButton.LeftButton, pos=QPoint(int(view.x_of(0.25)), 40))
+    assert picked.args[0] == pytest.approx(0.25, abs=0.01)
+
+
+# ------------------------------------------------------------------------------------------------
+# The lesion table, histogram and uncertainty layer in the docked widget
+
+
+def test_widget_shows_lesions_histogram_and_uncertainty(make_napari_viewer, qtbot, lesion_case,
+                                                        tiny_checkpoint, monkeypatch, tmp_path):
+    """A run whose result carries an uncertainty map (synthetic here: the score work adds the
+    real one): the widget adds a hidden ``<image> uncertainty`` layer, fills the lesion table
+    (with the uncertainty column), marks the thresholds on the histogram, and keeps both in step
+    with the threshold; Save writes the table next to the mask."""
+    original = pipeline.iter_localize
+
+    def with_uncertainty(*args, **kwargs):
+        result = yield from original(*args, **kwargs)
+        result.uncertainty = np.where(result.brain, 0.25, 0.0).astype(np.float32)
+        return result
+
+    monkeypatch.setattr(pipeline, "iter_localize", with_uncertainty)
+    viewer, widget = docked(make_napari_viewer, lesion_case, tiny_checkpoint)
+    run_to_end(qtbot, widget)
+    uncertainty = layer(viewer, "flair uncertainty")
+    assert not uncertainty.visible and uncertainty.metadata["role"] == "uncertainty"
+    assert uncertainty.data.shape == layer(viewer, "flair mask").data.shape
+    assert "flair uncertainty" not in [c for c in
+                                       [widget.ground_truth_combo.itemText(i)
+                                        for i in range(widget.ground_truth_combo.count())]]
+
+    widget.min_size.setValue(0)
+    low, high = widget.threshold.minimum(), widget.threshold.maximum()
+    with qtbot.waitSignal(widget.lesion_table.updated, timeout=5000):
+        widget.threshold.setValue(low + 0.02 * (high - low))  # a low threshold: many voxels
+    mask = layer(viewer, "flair mask")
+    lesions = widget.lesion_table.lesions
+    assert sum(lesion.voxels for lesion in lesions) == int(np.count_nonzero(mask.data))
+    assert not widget.lesion_table.table.isColumnHidden(4)
+    assert all(lesion.mean_uncertainty == pytest.approx(0.25) for lesion in lesions)
+    assert widget.histogram.markers()["current"] == pytest.approx(widget.threshold.value())
+    assert widget.histogram.histogram.counts.sum() > 0
+
+    with qtbot.waitSignal(widget.lesion_table.updated, timeout=5000):
+        widget.threshold.setValue(high)  # nothing above the top of the range
+    assert widget.lesion_table.table.rowCount() == 0
+    assert widget.histogram.markers()["current"] == pytest.approx(high)
+
+    with qtbot.waitSignal(widget.lesion_table.updated, timeout=5000):
+        widget.threshold.setValue(low + 0.02 * (high - low))
+    assert widget.lesion_table.table.rowCount() > 0
+    saved = widget.save_mask(tmp_path / "case_mask.nii.gz")
+    table = tmp_path / "case_mask_lesions.csv"
+    assert saved is not None and table.exists()
+    assert len(table.read_text().splitlines()) == 1 + len(widget.lesion_table.lesions)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Usable at 1366 x 768; 5. radiological view, S/A/R labels, the mask over the scan
+
+
+def test_widget_fits_a_1366_by_768_screen(make_napari_viewer, qtbot, lesion_case, tiny_checkpoint):
+    from qtpy.QtWidgets import QApplication
+
+    viewer, widget = docked(make_napari_viewer, lesion_case, tiny_checkpoint, show=True)
+    run_to_end(qtbot, widget)  # the result box (table, histogram) is filled and enabled
+    window = widget.window()
+    window.resize(1366, 768)
+    for _ in range(5):
+        QApplication.processEvents()
+    assert window.height() <= 768 and window.width() <= 1366
+    assert widget.minimumSizeHint().height() < 400  # it scrolls instead of growing the window
+    assert widget.scroll_area.verticalScrollBar().maximum() > 0  # the rest is a scroll away
+
+
+def test_radiological_view_and_the_mask_over_the_scan(make_napari_viewer, qtbot, lesion_case,
+                                                      tiny_checkpoint):
+    viewer, widget = docked(make_napari_viewer, lesion_case, tiny_checkpoint)
+    assert tuple(viewer.camera.orientation2d) == ("up", "left")  # anterior up, R on the left
+    assert widget.orientation_combo.currentText().startswith("radiological")
+    assert viewer.axes.visible and viewer.axes.labels
+    run_to_end(qtbot, widget)
+    names = [lay.name for lay in viewer.layers]
+    assert names[-1] == "flair mask"  # drawn over everything
+    source = names.index("flair")
+    assert set(names[source + 1:source + 3]) == {"flair healthy", "flair difference"}
+    assert names.index("flair healthy") < names.index("seg")  # the truth is not hidden under it
+    assert not layer(viewer, "flair healthy").visible  # the scan stays in view; toggle to compare
+
+
+# ------------------------------------------------------------------------------------------------
+# Saved settings (napari plugin configurations)
+
+
+def test_model_and_device_are_saved_and_restored(make_napari_viewer, lesion_case, tiny_checkpoint,
+                                                 plugin_settings_in_tmp):
+    from napari.settings import get_plugin_settings
+
+    viewer, widget = docked(make_napari_viewer, lesion_case, tiny_checkpoint)
+    widget.device_combo.setCurrentText("cpu")
+    saved = get_plugin_settings(PLUGIN)
+    assert saved.run.model == str(tiny_checkpoint) and saved.run.device == "cpu"
+    assert "device: cpu" in plugin_settings_in_tmp.read_text()  # written by napari
+    # A new widget (a new session) starts from them.
+    from napari_whatishealthy._widget import LocalizeWidget
+
+    again = LocalizeWidget(widget.viewer)
+    assert again is not widget
+    assert again.model_combo.currentData() == str(tiny_checkpoint)
+    assert again.device_combo.currentText() == "cpu"
+    # A bundled model is saved by name; a folder that is gone falls back to Automatic.
+    again.set_model(again.model_combo.itemData(1))  # the first bundled model
+    assert saved.run.model in ("default", "flair")
+    saved.run.model = str(tiny_checkpoint / "missing")
+    assert LocalizeWidget(widget.viewer).is_auto_model
+
+
+# ------------------------------------------------------------------------------------------------
+# Cohort review
+
+
+def test_cohort_review_runs_steps_and_autosaves(make_napari_viewer, qtbot, cases_copy,
+                                                tiny_checkpoint):
+    from napari.settings import get_plugin_settings
+
+    from napari_whatishealthy._cohort_panel import CohortPanel
+
+    get_plugin_settings(PLUGIN).run.model = str(tiny_checkpoint)  # the saved default model
+    get_plugin_settings(PLUGIN).run.device = "cpu"
+    viewer = make_napari_viewer()
+    _, panel = viewer.window.add_plugin_dock_widget(PLUGIN, "Cohort review")
+    assert isinstance(panel, CohortPanel)
+    inputs = {p: p.read_bytes() for p in cases_copy.rglob("*.nii.gz")}
+    assert panel.open_folder(cases_copy)
+    n = len(panel.cohort.cases)
+    assert panel.case_list.count() == n and "not run" in panel.case_list.item(0).text()
+    assert "flair" in [lay.name for lay in viewer.layers]  # the first case's inputs are shown
+    assert panel.mask_layer is None  # no results yet
+
+    panel.run_todo()
+    qtbot.waitUntil(lambda: not panel.is_running, timeout=TIMEOUT_MS)
+    assert panel.last_error is None, panel.last_error
+    assert all(entry.done for entry in panel.cohort.cases)
+    assert "done" in panel.case_list.item(0).text()
+    first = panel.cohort.cases[0]
+    mask = panel.mask_layer  # the shown case was reloaded with its results
+    assert mask is not None and mask.name == f"{first.name} mask"
+    model_mask = first.outputs["mask"].read_bytes()
+
+    # Paint: saved beside the outputs a moment later, on the source grid.
+    z = mask.data.shape[0] // 2
+    mask.paint((z, 5, 5), 7, refresh=True)
+    qtbot.waitUntil(lambda: panel.last_autosave is not None, timeout=5000)
+    edited = nib.load(first.edited_mask)
+    assert edited.shape == nib.load(first.outputs["mask"]).shape
+    assert int(np.count_nonzero(np.asarray(edited.dataobj) == 7)) >= 1
+    assert first.outputs["mask"].read_bytes() == model_mask  # the model's mask is kept
+    assert {p: p.read_bytes() for p in cases_copy.rglob("*.nii.gz")} == inputs  # inputs too
+
+    # Next case: its layers replace the first's; back again: the painted mask comes back.
+    panel.next_button.click()
+    names = [lay.name for lay in viewer.layers]
+    assert f"{first.name} mask" not in names and f"{panel.current.name} mask" in names
+    panel.previous_button.click()
+    assert panel.current is first and "edited" in panel.case_list.item(0).text()
+    assert int(np.count_nonzero(panel.mask_layer.data == 7)) >= 1
+    assert panel.lesion_table.table.rowCount() >= 1
+
+    # The output folder opens as the same cohort, from its provenance files.
+    assert panel.open_folder(first.outputs["mask"].parent)
+    assert len(panel.cohort.cases) == n and panel.cohort.cases[0].status() == "edited"

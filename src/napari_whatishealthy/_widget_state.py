@@ -22,103 +22,8 @@ import numpy as np
 
 from .core import metrics
 from .core.errors import WhatIsHealthyError
-from .core.volume import MODALITIES, modality_from_name
 
-RESULT_ROLES = ("healthy", "difference", "mask")
 AUTO = "auto"  # the model combo's automatic choice: core.model_choice.AUTO
-
-
-# ------------------------------------------------------------------------------------------------
-# Matching layers to the model's modalities
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    name: str
-    metadata: dict[str, Any]
-    shape: tuple[int, ...]
-
-
-def is_result_layer(metadata: dict[str, Any] | None) -> bool:
-    return bool(metadata) and metadata.get("role") in RESULT_ROLES
-
-
-def _layer_modality(info: LayerInfo) -> str | None:
-    modality = info.metadata.get("modality")
-    if modality:
-        return str(modality)
-    lowered = info.name.strip().lower()
-    if lowered in MODALITIES:
-        return lowered
-    return modality_from_name(lowered.replace(" ", "_") + ".nii")
-
-
-def match_modalities(
-    modalities: Sequence[str], layers: Sequence[LayerInfo]
-) -> dict[str, str | None]:
-    """Modality -> layer name, matched by the layer's metadata or its name; each layer used once.
-
-    Exact names win over metadata, metadata over a suffix in the name (``case_flair``); a model
-    with one channel takes the only image there is.
-    """
-    candidates = [info for info in layers if not is_result_layer(info.metadata)]
-    chosen: dict[str, str | None] = {m: None for m in modalities}
-    used: set[str] = set()
-    rules = (
-        lambda m, info: info.name.strip().lower() == m.lower(),
-        lambda m, info: info.metadata.get("modality") == m,
-        lambda m, info: _layer_modality(info) == m,
-    )
-    for rule in rules:
-        for m in modalities:
-            if chosen[m] is not None:
-                continue
-            for info in candidates:
-                if info.name not in used and rule(m, info):
-                    chosen[m] = info.name
-                    used.add(info.name)
-                    break
-    if len(modalities) == 1 and chosen[modalities[0]] is None and len(candidates) == 1:
-        chosen[modalities[0]] = candidates[0].name
-    return chosen
-
-
-@dataclass(frozen=True)
-class AutoModelInput:
-    """What the open image layers say for automatic model choice.
-
-    ``available``: the modalities to choose a model for (empty: none known yet); ``ask_about``:
-    the image layer whose modality the user must give (no layer says its modality, and the
-    user has not answered yet), else None.
-    """
-
-    available: tuple[str, ...]
-    ask_about: str | None
-
-
-def auto_model_input(layers: Sequence[LayerInfo], answer: str | None) -> AutoModelInput:
-    """Modalities of the open images, by metadata or name; an answer (the widget's Modality
-    choice) is used only when no image says its modality. Never guesses."""
-    candidates = [info for info in layers if not is_result_layer(info.metadata)]
-    known = tuple(dict.fromkeys(
-        m for m in (_layer_modality(info) for info in candidates) if m in MODALITIES
-    ))
-    if known or not candidates:
-        return AutoModelInput(known, None)
-    if answer:
-        return AutoModelInput((answer,), None)
-    return AutoModelInput((), candidates[0].name)
-
-
-def pick_ground_truth(labels: Sequence[LayerInfo], shape: tuple[int, ...] | None) -> str | None:
-    """A Labels layer that looks like the case's segmentation (``seg`` of the same shape)."""
-    for info in labels:
-        if is_result_layer(info.metadata):
-            continue
-        if info.metadata.get("modality") == "seg" or info.name.lower() in ("seg", "ground truth"):
-            if shape is None or tuple(info.shape) == tuple(shape):
-                return info.name
-    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,6 +125,9 @@ def localize_job(request: JobRequest) -> Generator[Any, None, Any]:
         gen = session.iter_localize(request.data, settings, guide, request.z_slices,
                                     inputs=request.inputs, prepared=prepared)
         result = yield from gen
+        if result is not None:
+            yield StatusMessage("preparing the layers")
+            prepare_for_display(result)
         return result
     except WhatIsHealthyError as exc:
         return JobFailed(str(exc), exc)
@@ -235,6 +143,30 @@ def localize_job(request: JobRequest) -> Generator[Any, None, Any]:
 
 # ------------------------------------------------------------------------------------------------
 # The cached result, the mask and the user's edits
+
+
+def display_cache(result: Any, key: str, make: Callable[[], Any]) -> Any:
+    """``make()``, kept in the result's derived-values cache under ``key``."""
+    derived = result._derived
+    if key not in derived:
+        derived[key] = make()
+    return derived[key]
+
+
+def prepare_for_display(result: Any, reference_channel: int = 0) -> None:
+    """Compute in the worker thread what showing ``result`` needs (napari-order copies, display
+    limits, the slider's range, the first mask): on a 1 mm volume these take most of a second,
+    which the GUI thread would otherwise stall for when the run's layers are added."""
+    session = ResultSession(result, "", reference_channel)
+    session.healthy()
+    session.difference()
+    result.zyx("brain")
+    session.difference_range()
+    session.display_limits()
+    session.histogram()
+    display_cache(result, "first_mask", lambda: session.auto_mask(MaskParams(
+        float(result.threshold_used), int(result.settings.min_component_voxels),
+        bool(result.settings.brain_only))))
 
 
 @dataclass
@@ -267,20 +199,35 @@ class ResultSession:
 
     # Layers' data -------------------------------------------------------------------------
     def healthy(self) -> np.ndarray:
-        return np.ascontiguousarray(self.result.healthy[self.reference_channel].transpose(2, 1, 0))
+        return display_cache(self.result, f"healthy_zyx_{self.reference_channel}", lambda: (
+            np.ascontiguousarray(self.result.healthy[self.reference_channel].transpose(2, 1, 0))))
 
     def difference(self) -> np.ndarray:
         return self.result.zyx("difference")
 
     def difference_range(self) -> tuple[float, float]:
         """(0, a top for the threshold slider and the difference display)."""
+        return display_cache(self.result, "difference_range", self._difference_range)
+
+    def _difference_range(self) -> tuple[float, float]:
         diff = self.result.difference
         inside = diff[self.result.brain] if self.result.brain.any() else diff.ravel()
         top = float(inside.max()) if inside.size else 0.0
         top = max(top, 2.0 * float(self.result.threshold_used), 1e-3)
         return 0.0, top
 
+    def histogram(self) -> Any:
+        """The brain's difference histogram with its threshold markers (core.lesions)."""
+        from .core.lesions import difference_histogram
+
+        return display_cache(self.result, "histogram", lambda: difference_histogram(
+            self.result.zyx("difference"), self.result.zyx("brain"),
+            self.result.recommended_threshold, top=self.difference_range()[1]))
+
     def display_limits(self) -> tuple[float, float]:
+        return display_cache(self.result, "display_limits", self._display_limits)
+
+    def _display_limits(self) -> tuple[float, float]:
         diff = self.result.difference
         positive = diff[diff > 0]
         if positive.size == 0:
@@ -291,6 +238,14 @@ class ResultSession:
     # Mask ---------------------------------------------------------------------------------
     def auto_mask(self, params: MaskParams) -> np.ndarray:
         from .core.pipeline import remask
+
+        first = self.result._derived.pop("first_mask", None)  # made by prepare_for_display
+        if first is not None and (
+            float(params.threshold) == float(self.result.threshold_used)
+            and int(params.min_component_voxels) == int(self.result.settings.min_component_voxels)
+            and bool(params.brain_only) == bool(self.result.settings.brain_only)
+        ):
+            return first
 
         return remask(
             self.result,

@@ -154,8 +154,17 @@ def _check_at_least_one(args: argparse.Namespace, *names: str) -> None:
 
 def _run_options(args: argparse.Namespace) -> dict:
     """The config fields every trainer takes from the shared options."""
-    from .core.output import check_folder, check_outside
+    import math
 
+    from .core.output import check_folder, check_outside
+    if not (math.isfinite(args.lr) and 0.0 <= args.lr <= 1.0):
+        raise WhatIsHealthyError(f"--lr must be a number in [0, 1], got {args.lr}")
+    for name in ("label_dropout", "ema_decay", "weight_decay"):
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise WhatIsHealthyError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
+    if not 0 <= args.seed < 2**32:
+        raise WhatIsHealthyError(f"--seed must be an integer in [0, 2**32 - 1], got {args.seed}")
     check_outside(args.out, args.data)
     check_folder(args.out)
     return dict(
@@ -408,6 +417,14 @@ def _add_localize(sub: argparse._SubParsersAction) -> None:
                         "(e.g. flair,t1,t1ce,t2)")
     p.add_argument("--all-channels", action="store_true",
                    help="also write <case>_healthy_<modality>.nii.gz for every model channel")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="run only shard K of N of the cases (K from 0: case i goes to shard "
+                        "i mod N), e.g. one job of a job array; under torchrun each rank takes "
+                        "its part of this shard")
+    p.add_argument("--resume", action="store_true",
+                   help="skip cases whose outputs exist with the same model, settings and "
+                        "inputs (from their provenance); a case with other outputs needs "
+                        "--overwrite")
     _add_inference_options(p)
     p.set_defaults(func=_run_localize)
 
@@ -416,17 +433,26 @@ def _run_localize(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .core.cases import choose_for_case, collect_cases
-    from .core.pipeline import check_outputs, output_paths, write_outputs
+    from .core.pipeline import check_memory, check_outputs, output_paths, write_outputs
+    from .core.sharding import current_shard
     from .core.steps import drain
 
+    shard = current_shard(args.shard)
     cases = collect_cases(args.inputs, args.modality)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: --out must be a folder")
     _check_method(args)
+    total = len(cases)
+    # This process's cases only (under torchrun or --shard): the others' outputs may appear
+    # while this one runs and are not its business.
+    positions = shard.take(range(total))
+    cases = [cases[i] for i in positions]
+    shard.use_device(args.device)
     # Each case's model, and every impossible output, before minutes of work.
     choices = [choose_for_case(case, args.model) for case in cases]
     guide_files = _files_in(args.classifier)
+    done: set[str] = set()
     for case, choice in zip(cases, choices, strict=True):
         parents = {p.resolve().parent for p in case.paths}
         if out.resolve() in parents:
@@ -436,19 +462,34 @@ def _run_localize(args: argparse.Namespace) -> int:
                 "back as part of the case)"
             )
         paths = output_paths(out, case.name, choice.spec.modalities, args.all_channels)
+        if args.resume:
+            state, why = _resume_state(args, case, choice, paths)
+            if state:
+                done.add(case.name)
+                continue
+            if state is False and not args.overwrite:
+                raise InputError(f"{case.name}: outputs in {out} were {why}; pass --overwrite "
+                                 "to replace them, or choose another --out")
         check_outputs(paths, [*case.paths, *_files_in(choice.folder), *guide_files],
-                      args.overwrite, voxels=case.grid_voxels())
-    for i, (case, choice) in enumerate(zip(cases, choices, strict=True)):
+                      args.overwrite or args.resume, voxels=case.grid_voxels())
+        check_memory(case.grid_voxels(), len(choice.spec.modalities), case.name)
+    where = f" ({shard.label()})" if shard.is_split else ""
+    if shard.is_split or done:
+        print(f"{len(cases) - len(done)} of {total} cases to run here{where}"
+              + (f"; {len(done)} already done (--resume)" if done else ""), flush=True)
+    for position, case, choice in zip(positions, cases, choices, strict=True):
+        if case.name in done:
+            continue
         session, settings, guide = _open_session(args, choice.folder)
         volume = case.load(session.spec)
         gen = session.iter_localize(volume.data, settings, guide, inputs=volume.source_paths)
-        label = f"{case.name} [{i + 1}/{len(cases)}]" if len(cases) > 1 else case.name
+        label = f"{case.name} [{position + 1}/{total}]" if total > 1 else case.name
         bar = _Bar(label, not args.no_progress)
         try:
             result = drain(gen, bar)
         finally:
             bar.close()
-        paths = write_outputs(result, volume, out, overwrite=args.overwrite,
+        paths = write_outputs(result, volume, out, overwrite=args.overwrite or args.resume,
                               all_channels=args.all_channels,
                               inputs=[*_files_in(session.folder), *guide_files])
         voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
@@ -459,6 +500,16 @@ def _run_localize(args: argparse.Namespace) -> int:
               f"{result.threshold_used:.4g} by model {choice.reason}; wrote "
               f"{paths['mask'].parent}/{case.name}_*")
     return 0
+
+
+def _resume_state(args: argparse.Namespace, case, choice, paths):
+    """(True: done, None: nothing written yet, False: other outputs; why) for --resume."""
+    from .core.sharding import outputs_done
+    from .core.volume import modality_from_name
+
+    session, settings, guide = _open_session(args, choice.folder)
+    images = [p for p in case.paths if modality_from_name(p) != "seg"]
+    return outputs_done(paths, session.sha256, settings, images, guide.sha256)
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,6 +582,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             raise InputError(f"{json_path}: is a folder; --json takes a file name")
         check_target(json_path, inputs, args.overwrite)
         check_folder(json_path.parent)
+    from .core.sharding import current_shard
+
+    shard = current_shard()  # under torchrun: this rank's cases; rank 0 reports them all
+    shard.use_device(args.device)
     session, settings, guide = _open_session(args, model_folder)
     classifier_info = guide.record(settings)
     from .core.progress import is_terminal
@@ -550,10 +605,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             model_info=session.model_record(),
             on_case=on_case, on_step=bar,
             classifier=guide.classifier, classifier_info=classifier_info,
-            z_stride=args.z_stride,
+            z_stride=args.z_stride, shard=shard,
         )
     finally:
         bar.close()
+        shard.close()
+    if report is None:  # another rank: its cases are in rank 0's table
+        return 0
     if classifier_info is not None:
         print(f"classifier guidance, s={classifier_info['scale']:g}, classifier "
               f"{classifier_info['path']}")
@@ -651,10 +709,13 @@ def _demo_gui(sample: Path, args: argparse.Namespace) -> int:
         from .core.model_choice import AUTO
         from .core.registry import resolve_model
 
-        widget = LocalizeWidget(viewer)
+        # Docked as the Plugins menu docks it: the same title, the same layer proxies.
+        _, widget = viewer.window.add_plugin_dock_widget("napari-whatishealthy",
+                                                         "Lesion localization")
+        if not isinstance(widget, LocalizeWidget):
+            raise ImportError("the plugin's widget contribution did not give the widget")
         if args.model != AUTO:  # otherwise the widget's Automatic choice
             widget.set_model(str(resolve_model(args.model)))
-        viewer.window.add_dock_widget(widget, name="What is Healthy?", area="right")
     except ImportError as exc:
         print(f"whatishealthy demo: warning: the widget could not be loaded ({exc})",
               file=sys.stderr)

@@ -395,8 +395,12 @@ def evaluate(
     classifier: Any = None,
     classifier_info: dict[str, Any] | None = None,
     z_stride: int = 1,
-) -> dict[str, Any]:
+    shard: Any = None,
+) -> dict[str, Any] | None:
     """Evaluate ``model`` on the cases under ``data`` (and calibrate on ``calibration``).
+
+    ``shard`` (:class:`.sharding.Shard`, under torchrun): each rank scores its share of the
+    cases and rank 0 gathers them and returns the report of all cases (None on other ranks).
 
     ``on_case(i, n, name, set)`` is called before each case (``set`` is ``"evaluate"`` or
     ``"calibration"``); ``on_step`` gets every diffusion step. ``classifier`` is needed for
@@ -404,24 +408,29 @@ def evaluate(
     the report). ``z_stride`` k > 1: every k-th brain slice only (see :func:`score_case`).
     Returns the JSON-able report.
     """
+    from .sharding import Shard, run_sharded
     from .volume import load_volume
 
-    def run(root: str | Path, n_max: int | None, which: str) -> list[CaseScores]:
+    shard = shard or Shard()
+
+    def run(root: str | Path, n_max: int | None, which: str) -> list[CaseScores] | None:
         dirs = discover_cases(root)
         if n_max is not None:
             if n_max < 1:
                 raise WhatIsHealthyError("the case limit must be at least 1")
             dirs = dirs[:n_max]
         kinds = case_kinds(root)
-        out = []
-        for i, d in enumerate(dirs):
+
+        def one(i: int, d: Path) -> CaseScores:
             if on_case is not None:
                 on_case(i, len(dirs), d.name, which)
             volume = load_volume(d)
-            out.append(score_case(volume, model, spec, settings,
-                                  kind=kinds.get(volume.name), on_step=on_step,
-                                  classifier=classifier, z_stride=z_stride))
-        return out
+            return score_case(volume, model, spec, settings,
+                              kind=kinds.get(volume.name), on_step=on_step,
+                              classifier=classifier, z_stride=z_stride)
+
+        # Under torchrun each rank scores its cases; rank 0 gets them all, in case order.
+        return shard.gather(run_sharded(dirs, shard, one))
 
     started = time.time()
     if calibration is not None and Path(calibration).resolve() == Path(data).resolve():
@@ -431,6 +440,8 @@ def evaluate(
         )
     calib_cases = run(calibration, calibration_limit, "calibration") if calibration else None
     cases = run(data, limit, "evaluate")
+    if cases is None:  # not rank 0: its cases went to rank 0's report
+        return None
     report: dict[str, Any] = {
         "format": FORMAT,
         "data": str(Path(data).resolve()),

@@ -176,6 +176,68 @@ def remask(
     return mask
 
 
+def peak_bytes(voxels: int, channels: int) -> int:
+    """Estimated peak memory of localizing a volume of ``voxels`` voxels per channel: the input,
+    healthy and per-channel difference maps (float32 per channel) plus the difference, brain,
+    mask and their napari-order copies. A 640^3 single-channel volume peaked at 10.1 GB, 38
+    bytes per voxel (issue 17); this gives 38."""
+    return int(voxels) * (12 * int(channels) + 26)
+
+
+def available_memory() -> int | None:
+    """Bytes the system can still give (MemAvailable); None where that is unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(voxels: int, channels: int, where: str = "") -> None:
+    """Refuse a volume whose estimated peak (:func:`peak_bytes`) exceeds the available memory,
+    before any work, with the estimate."""
+    need, have = peak_bytes(voxels, channels), available_memory()
+    if have is not None and need > have:
+        prefix = f"{where}: " if where else ""
+        raise InputError(
+            f"{prefix}localizing this volume ({voxels / 1e6:.0f} M voxels x {channels} channel(s)) "
+            f"needs about {need / 2**30:.1f} GiB of memory, {have / 2**30:.1f} GiB are available; "
+            "crop or resample it, or close other programs"
+        )
+
+
+def _check_finite_weights(network: Any, path: str | Path | None, what: str) -> None:
+    """Refuse a network with NaN or infinite weights before it runs (its output would be NaN)."""
+    parameters = getattr(network, "parameters", None)
+    if parameters is None:
+        return
+    with torch.no_grad():
+        for name, tensor in getattr(network, "named_parameters", lambda: [])():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                where = f" {path}" if path else ""
+                raise WhatIsHealthyError(
+                    f"the {what}{where} has NaN or infinite weights (in {name}); it cannot give a "
+                    "result: use another checkpoint"
+                )
+
+
+def _check_finite_result(healthy_s: np.ndarray, settings: LocalizeSettings) -> None:
+    """Stop on a counterfactual with NaN or infinite values instead of writing an empty mask."""
+    bad = int(np.size(healthy_s) - np.count_nonzero(np.isfinite(healthy_s)))
+    if bad:
+        share = 100.0 * bad / max(1, np.size(healthy_s))
+        scale = (f"classifier scale {settings.classifier_scale}" if settings.method == "classifier"
+                 else f"guidance {settings.guidance:g}")
+        raise WhatIsHealthyError(
+            f"the counterfactual has {share:.1f} % NaN or infinite values: the settings overflow "
+            f"the model ({scale}, noise level {settings.noise_level:g}); use smaller values (the "
+            "model's recommended settings are the defaults)"
+        )
+
+
 def _check_data(data: np.ndarray, spec: ModelSpec) -> np.ndarray:
     data = np.asarray(data)
     if data.ndim != 4:
@@ -261,12 +323,15 @@ def iter_localize(
     settings = settings or LocalizeSettings.from_spec(spec)
     settings.validate()
     data = _check_data(data, spec)
+    _check_finite_weights(model, model_path, "model")
+    check_memory(int(np.prod(data.shape[1:])), data.shape[0])
     if prepared is None:
         prepared = prepare(data, spec.image_size)
     else:
         _matching_prepared(prepared, data, spec)
     sub = _restrict(prepared, z_slices)
     guided_by = (classifier or settings.classifier) if settings.method == "classifier" else None
+    _check_finite_weights(guided_by, classifier_path, "classifier")
     # The classifier is a network, not a setting: the result and its provenance keep none.
     settings = dataclasses.replace(settings, classifier=None)
     device = model_device(model) or resolve_device(settings.device)
@@ -308,6 +373,7 @@ def _run(
         inner.close()
     if healthy_s is None:  # closed from outside
         return None  # type: ignore[return-value]
+    _check_finite_result(healthy_s, settings)
     t_model = time.time() - started
     warnings: list[str] = []
     brain = prepared.brain

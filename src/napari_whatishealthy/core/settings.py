@@ -22,6 +22,14 @@ from .errors import WhatIsHealthyError
 from .model import HEALTHY, InferenceDefaults, ModelSpec
 
 AmpSetting = bool | Literal["auto", "bf16", "fp16"]
+# Bounds (docs/cli.md): beyond them a run gives overflow, not a result, or exhausts memory.
+MAX_GUIDANCE = 100.0  # the paper works at w ~ 3; w = 1e308 overflowed to NaN
+MAX_CLASSIFIER_SCALE = 1e4
+MAX_MEDIAN_SIZE = 15  # in-plane median window; 100000 took 10 GB
+MAX_STEPS = 1000  # the diffusion length
+MAX_INVERSION_REFINEMENTS = 20
+MAX_BATCH_SIZE = 4096
+MAX_SEED = 2**63 - 1  # torch's seed range
 METHODS = ("implicit", "classifier")
 THRESHOLD_CHOICES = ("auto", "otsu")
 
@@ -31,6 +39,7 @@ __all__ = [
     "METHODS",
     "THRESHOLD_CHOICES",
     "check_noise_and_steps",
+    "check_seed",
     "is_integer",
     "parse_threshold",
 ]
@@ -65,6 +74,20 @@ def parse_threshold(value: float | str | None) -> float | str | None:
     return number
 
 
+def _number_in(value: Any, low: float, high: float) -> bool:
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return not isinstance(value, bool) and math.isfinite(number) and low <= number <= high
+
+
+def check_seed(seed: Any) -> None:
+    """None or an integer in [0, 2**63 - 1] (what torch accepts)."""
+    if seed is not None and (not is_integer(seed) or not 0 <= seed <= MAX_SEED):
+        raise WhatIsHealthyError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+
+
 def check_noise_and_steps(noise_level: Any, steps: Any) -> None:
     try:
         level = float(noise_level)
@@ -75,8 +98,8 @@ def check_noise_and_steps(noise_level: Any, steps: Any) -> None:
             "noise level must be in (0, 1] (a fraction of the diffusion length), "
             f"got {noise_level!r}"
         )
-    if not is_integer(steps) or steps < 1:
-        raise WhatIsHealthyError(f"steps must be an integer >= 1, got {steps!r}")
+    if not is_integer(steps) or not 1 <= steps <= MAX_STEPS:
+        raise WhatIsHealthyError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
 
 
 def _check_method(method: Any, classifier_scale: Any) -> None:
@@ -92,9 +115,10 @@ def _check_method(method: Any, classifier_scale: Any) -> None:
             ok = not isinstance(classifier_scale, bool) and math.isfinite(float(classifier_scale))
         except (TypeError, ValueError):
             ok = False
-        if not ok:
+        if not ok or not 0.0 <= float(classifier_scale) <= MAX_CLASSIFIER_SCALE:
             raise WhatIsHealthyError(
-                f"classifier_scale must be a finite number, got {classifier_scale!r}"
+                f"classifier_scale must be a number in [0, {MAX_CLASSIFIER_SCALE:g}], got "
+                f"{classifier_scale!r}"
             )
 
 
@@ -155,28 +179,34 @@ class LocalizeSettings(InferenceDefaults):
         return settings
 
     def validate(self) -> None:
-        if not math.isfinite(float(self.guidance)):
-            raise WhatIsHealthyError(f"guidance must be a finite number, got {self.guidance!r}")
+        if not _number_in(self.guidance, 0.0, MAX_GUIDANCE):
+            raise WhatIsHealthyError(
+                f"guidance must be a number in [0, {MAX_GUIDANCE:g}] (the paper's is about 3), "
+                f"got {self.guidance!r}"
+            )
         check_noise_and_steps(self.noise_level, self.steps)
         parse_threshold(self.threshold)
-        if not is_integer(self.median_size) or self.median_size < 1:
+        if not is_integer(self.median_size) or not 1 <= self.median_size <= MAX_MEDIAN_SIZE:
             raise WhatIsHealthyError(
-                f"median_size must be an integer >= 1 (1: no smoothing), got {self.median_size!r}"
+                f"median_size must be an integer in [1, {MAX_MEDIAN_SIZE}] (1: no smoothing), "
+                f"got {self.median_size!r}"
             )
         if not is_integer(self.min_component_voxels) or self.min_component_voxels < 0:
             raise WhatIsHealthyError(
                 f"min_component_voxels must be an integer >= 0, got {self.min_component_voxels!r}"
             )
-        if self.seed is not None and not is_integer(self.seed):
-            raise WhatIsHealthyError(f"seed must be an integer, got {self.seed!r}")
-        if self.batch_size is not None and (not is_integer(self.batch_size) or self.batch_size < 1):
+        check_seed(self.seed)
+        if self.batch_size is not None and (not is_integer(self.batch_size)
+                                            or not 1 <= self.batch_size <= MAX_BATCH_SIZE):
             raise WhatIsHealthyError(
-                f"batch_size must be an integer >= 1 (or None: the device's default), got "
-                f"{self.batch_size!r}"
+                f"batch_size must be an integer in [1, {MAX_BATCH_SIZE}] (or None: the device's "
+                f"default), got {self.batch_size!r}"
             )
-        if not is_integer(self.inversion_refinements) or self.inversion_refinements < 0:
+        if (not is_integer(self.inversion_refinements)
+                or not 0 <= self.inversion_refinements <= MAX_INVERSION_REFINEMENTS):
             raise WhatIsHealthyError(
-                f"inversion_refinements must be an integer >= 0, got {self.inversion_refinements!r}"
+                f"inversion_refinements must be an integer in [0, {MAX_INVERSION_REFINEMENTS}], "
+                f"got {self.inversion_refinements!r}"
             )
         if self.amp not in ("auto", "bf16", "fp16", True, False):
             raise WhatIsHealthyError(

@@ -218,12 +218,13 @@ class SliceStore:
         self.row_shape = tuple(int(s) for s in shape[1:])
         self.dtype = np.dtype(self.index["dtype"])
         self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
-        # Mapping reads only the header (no page of data is touched): the data's offset.
-        mapped = np.load(self.path / SLICES_FILE, mmap_mode="r", allow_pickle=False)
-        self.data_offset = int(mapped.offset)
-        on_disk = (tuple(mapped.shape), mapped.dtype)
-        del mapped
-        if on_disk != (tuple(shape), self.dtype):
+        with open(self.path / SLICES_FILE, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            disk_shape, fortran, disk_dtype = read_header(fh)
+            self.data_offset = fh.tell()
+        if (tuple(disk_shape), disk_dtype, fortran) != (tuple(shape), self.dtype, False):
             raise StoreError(f"{self.path}: {SLICES_FILE} does not match {INDEX_FILE}; "
                              "delete the store folder to rebuild it")
         self._fd: int | None = None
@@ -419,27 +420,27 @@ def _build(store: Path, case_dirs: list[Path], prep: Preprocessing, old_index: d
     inputs = [p for case in case_dirs for p in _case_files(case, prep.modalities).values()]
 
     def assemble(tmp: Path) -> None:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(prep.dtype),
-                                          shape=shape)
-        row = 0
-        for i, (kind, source) in enumerate(sources):
-            if kind == "old":
-                first, n = source["first_row"], source["rows"]
-                block = old_store.read(np.arange(first, first + n))
-                block_labels = old_store.labels[first : first + n]
-                record = {k: v for k, v in source.items() if k != "first_row"}
-            else:
-                block, block_labels, record = _read_part(source)
-                n = len(block_labels)
-            array[row : row + n] = block
-            labels[row : row + n] = block_labels
-            owners[row : row + n] = i
-            records.append({**record, "first_row": row, "rows": n})
-            row += n
-            if i % 64 == 63:  # write back as we go: memory stays one case, not the store
-                array.flush()
-        array.flush()
-        del array
+        # Plain sequential writes, not a memory map: written pages then sit in the file cache,
+        # not in this process's resident memory, which stays one case whatever the cohort.
+        with open(tmp, "wb") as fh:
+            np.lib.format.write_array_header_2_0(fh, {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(prep.dtype)),
+                "fortran_order": False, "shape": shape})
+            row = 0
+            for i, (kind, source) in enumerate(sources):
+                if kind == "old":
+                    first, n = source["first_row"], source["rows"]
+                    block = old_store.read(np.arange(first, first + n))
+                    block_labels = old_store.labels[first : first + n]
+                    record = {k: v for k, v in source.items() if k != "first_row"}
+                else:
+                    block, block_labels, record = _read_part(source)
+                    n = len(block_labels)
+                fh.write(np.ascontiguousarray(block, dtype=np.dtype(prep.dtype)).tobytes())
+                labels[row : row + n] = block_labels
+                owners[row : row + n] = i
+                records.append({**record, "first_row": row, "rows": n})
+                row += n
 
     # One flat file, then the small arrays, then the index: its presence means complete.
     write_file(store / SLICES_FILE, assemble, inputs, overwrite=True)

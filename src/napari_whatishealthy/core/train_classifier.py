@@ -50,6 +50,7 @@ from .train import (
     _load_data,
     _split_cases,
     _stop_on_sigterm,
+    resume_errors,
     save_state_atomic,
 )
 
@@ -245,14 +246,15 @@ def _train(config: ClassifierTrainConfig, log: Callable[[str], None],
     step = 0
     elapsed_before = 0.0
     if config.resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        step = int(state["step"])
-        elapsed_before = float(state["elapsed_s"])
-        sampler.set_state(json.loads(state["sampler"]))
-        generator.set_state(state["generator"])
-        log(f"resumed at step {step}")
+        with resume_errors(state_path):
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            optimiser.load_state_dict(state["optimiser"])
+            step = int(state["step"])
+            elapsed_before = float(state["elapsed_s"])
+            sampler.set_state(json.loads(state["sampler"]))
+            generator.set_state(state["generator"])
+            log(f"resumed at step {step}")
     alphas_cumprod = spec.schedule.alphas_cumprod().to(torch.float32)
     log(f"classifier: {count_parameters(model) / 1e6:.2f} M parameters on {device}")
     last_val: dict = {}

@@ -1,0 +1,150 @@
+"""GPU scale check (under a minute): training steps/s and peak GPU memory of one rank reading
+its batches from the slice store, at 64 px and 128 px, batch 128 and 256, with the in-RAM path
+beside the store at 64 px / batch 256 (same run, same GPU).
+
+    bash benchmarks/gpu_scale.sh                       # CUDA
+    DEVICE=cpu QUICK=1 bash benchmarks/gpu_scale.sh    # smoke test on a CPU: tiny model, seconds
+
+Environment: ``DEVICE`` (default ``cuda``), ``QUICK=1`` (tiny model, tiny phantoms),
+``BUDGET`` (seconds, default 50: rows that would start after it are skipped and say so),
+``CASES`` (phantom cases, default 8).
+
+Data: phantom cases (benchmarks/_cohort.py: ellipsoid brains with lesion blobs, 120 x 120 x 78,
+the BraTS field of view at 2 mm), made in the run; the slice store is built from them with all
+cores. Training: ``core.train.train`` itself (the loop users run: balanced sampling from the
+store, label dropout, bf16 autocast, AdamW, EMA), the default network (channels 32, 64, 128;
+3.9 M parameters) at both sizes; 30 steps per row, the rate of the last 20 (the first 10 hold
+the warm-up). Peak GPU memory: ``torch.cuda.max_memory_allocated`` over the row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cohort import MODALITIES, make_cohort  # noqa: E402
+
+QUICK = os.environ.get("QUICK", "0") == "1"
+DEVICE = os.environ.get("DEVICE", "cuda")
+BUDGET_S = float(os.environ.get("BUDGET", "50"))
+CASES = int(os.environ.get("CASES", "4" if QUICK else "8"))
+T0 = time.perf_counter()
+
+
+def network():
+    from napari_whatishealthy.core.model import NetworkSpec
+
+    if QUICK:
+        return NetworkSpec(channels=(8, 16), attention_levels=(False, True), norm_num_groups=8,
+                           num_head_channels=8, label_embedding_dim=8)
+    return NetworkSpec()
+
+
+def train_row(data: Path, work: Path, store: Path, size: int, batch: int, in_memory: bool,
+              steps: int, every: int) -> dict:
+    from napari_whatishealthy.core.train import TrainConfig, read_log, train
+
+    out = work / f"run-{size}-{batch}-{'ram' if in_memory else 'store'}"
+    config = TrainConfig(
+        data=str(data), out=str(out), size=size, modalities=MODALITIES, steps=steps,
+        batch=batch, log_every=every, val_every=10**9, checkpoint_every=10**9, device=DEVICE,
+        network=network(), store=str(store), in_memory=in_memory, seed=0,
+    )
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    train(config, log=lambda *_: None, show_progress=False)
+    wall = time.perf_counter() - started
+    records = read_log(out)
+    rates = [r["slices_per_s"] / batch for r in records[1:]] or [records[-1]["slices_per_s"] / batch]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE.startswith("cuda") else None
+    return {"size": size, "batch": batch, "data": "in RAM" if in_memory else "slice store",
+            "steps_per_s": statistics.median(rates), "peak_gpu_gib": peak, "wall_s": wall,
+            "loss": records[-1]["loss"]}
+
+
+def main() -> int:
+    from napari_whatishealthy.core.data import discover_cases
+    from napari_whatishealthy.core.slice_store import Preprocessing, default_workers, open_or_build
+
+    if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("DEVICE=cuda but torch sees no CUDA GPU; run with DEVICE=cpu QUICK=1 to test")
+    gpu = torch.cuda.get_device_name(0) if DEVICE.startswith("cuda") else platform.processor() or "cpu"
+    print(f"device: {DEVICE} ({gpu}), torch {torch.__version__}, python "
+          f"{platform.python_version()}, {os.cpu_count()} CPU cores"
+          + (", QUICK=1 (tiny model and phantoms: a smoke test)" if QUICK else ""), flush=True)
+    sizes = (16, 32) if QUICK else (64, 128)
+    batches = (8, 16) if QUICK else (128, 256)
+    steps, every = (6, 2) if QUICK else (30, 10)
+    shape = (40, 40, 26) if QUICK else (120, 120, 78)
+    rows: list[dict] = []
+    skipped: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="gpu-scale-") as tmp:
+        work = Path(tmp)
+        t = time.perf_counter()
+        make_cohort(work / "data", CASES, shape=shape, unique=CASES)
+        cases = discover_cases(work / "data")
+        print(f"{CASES} phantom cases {shape[0]}x{shape[1]}x{shape[2]} made in "
+              f"{time.perf_counter() - t:.1f} s", flush=True)
+        stores = {}
+        for size in sizes:
+            t = time.perf_counter()
+            store = open_or_build(work / f"store{size}", cases, Preprocessing(size, MODALITIES),
+                                  workers=default_workers(), log=lambda *_: None,
+                                  show_progress=False)
+            stores[size] = work / f"store{size}"
+            print(f"slice store {size} px: {len(store)} slices, {store.nbytes / 2**20:.1f} MiB, "
+                  f"built in {time.perf_counter() - t:.1f} s with {default_workers()} processes",
+                  flush=True)
+        plan = [(s, b, False) for s in sizes for b in batches] + [(sizes[0], batches[-1], True)]
+        for size, batch, in_memory in plan:
+            label = f"{size} px, batch {batch}, {'in RAM' if in_memory else 'slice store'}"
+            if time.perf_counter() - T0 > BUDGET_S:
+                skipped.append(label)
+                continue
+            try:
+                row = train_row(work / "data", work, stores[size], size, batch, in_memory,
+                                steps, every)
+            except Exception as exc:  # one failing row (out of memory, ...) keeps the others
+                print(f"  {label}: failed: {type(exc).__name__}: {exc}", flush=True)
+                skipped.append(f"{label} (failed: {type(exc).__name__})")
+                continue
+            rows.append(row)
+            print(f"  {label}: {row['steps_per_s']:.2f} steps/s ({row['wall_s']:.1f} s)",
+                  flush=True)
+
+    print()
+    print("| image size | batch | data | steps/s | slices/s | peak GPU memory (GiB) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        mem = f"{r['peak_gpu_gib']:.2f}" if r["peak_gpu_gib"] is not None else "n/a (CPU)"
+        print(f"| {r['size']} | {r['batch']} | {r['data']} | {r['steps_per_s']:.2f} | "
+              f"{r['steps_per_s'] * r['batch']:.0f} | {mem} |")
+    for label in skipped:
+        why = "" if "failed" in label else f": skipped, past the {BUDGET_S:.0f} s budget"
+        print(f"| {label}{why} | | | | | |")
+    store_row = next((r for r in rows if r["size"] == sizes[0] and r["batch"] == batches[-1]
+                      and r["data"] == "slice store"), None)
+    ram_row = next((r for r in rows if r["data"] == "in RAM"), None)
+    if store_row and ram_row:
+        print(f"\nslice store / in RAM steps/s at {sizes[0]} px, batch {batches[-1]}: "
+              f"{store_row['steps_per_s'] / ram_row['steps_per_s']:.2f}")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"peak RSS of this process (whole run): {rss:.2f} GiB; total {time.perf_counter() - T0:.1f} s")
+    print("gpu_scale_rows " + json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
