@@ -39,6 +39,7 @@ from .classifier import (
 from .data import SliceSet, load_slice_set
 from .errors import WhatIsHealthyError
 from .model import count_parameters
+from .progress import interval_line, is_live, progress_bar
 from .train import (
     CACHE_FILE,
     CHECKPOINT_DIR,
@@ -292,11 +293,9 @@ def _train(config: ClassifierTrainConfig, log: Callable[[str], None],
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    progress = None
-    if show_progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=config.steps, initial=step, unit="step", dynamic_ncols=True)
+    progress = progress_bar(config.steps, initial=step, unit="step") if show_progress else None
+    # Without a live bar (a log file, a pipe, --no-progress) each log interval is one line.
+    log_lines = not is_live(progress)
     model.train()
     window_loss, window_acc, window_n, window_t = 0.0, 0.0, 0, time.time()
     with open(out / LOG_FILE, "a") as log_file:
@@ -345,6 +344,8 @@ def _train(config: ClassifierTrainConfig, log: Callable[[str], None],
                     if progress is not None:
                         progress.set_postfix(loss=f"{record['loss']:.3f}",
                                              acc=f"{record['acc']:.2f}")
+                    if log_lines:
+                        log(interval_line(record, config.steps))
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
                     window_loss, window_acc, window_n, window_t = 0.0, 0.0, 0, time.time()
