@@ -415,7 +415,8 @@ def test_automatic_model_follows_the_open_images(make_napari_viewer, qtbot, lesi
 
 
 def test_automatic_model_input_without_qt():
-    from napari_whatishealthy._widget_state import AUTO, LayerInfo, auto_model_input
+    from napari_whatishealthy._layer_choice import LayerInfo, auto_model_input
+    from napari_whatishealthy._widget_state import AUTO
     from napari_whatishealthy.core.model_choice import AUTO as CORE_AUTO
 
     assert AUTO == CORE_AUTO
@@ -618,7 +619,7 @@ def test_widget_docks_from_the_manifest(make_napari_viewer):
 
 
 def test_modality_matching_without_qt():
-    from napari_whatishealthy._widget_state import LayerInfo, match_modalities
+    from napari_whatishealthy._layer_choice import LayerInfo, match_modalities
 
     layers = [
         LayerInfo("BraTS_001_t1ce", {}, (4, 4, 4)),

@@ -158,15 +158,14 @@ def _run_options(args: argparse.Namespace) -> dict:
     import math
 
     from .core.output import check_folder, check_outside
-    from .core.settings import check_seed
-
-    if not (math.isfinite(args.lr) and 0.0 < args.lr <= 1.0):
-        raise WhatIsHealthyError(f"--lr must be a number in (0, 1], got {args.lr}")
+    if not (math.isfinite(args.lr) and 0.0 <= args.lr <= 1.0):
+        raise WhatIsHealthyError(f"--lr must be a number in [0, 1], got {args.lr}")
     for name in ("label_dropout", "ema_decay", "weight_decay"):
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise WhatIsHealthyError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
-    check_seed(args.seed)
+    if not 0 <= args.seed < 2**32:
+        raise WhatIsHealthyError(f"--seed must be an integer in [0, 2**32 - 1], got {args.seed}")
     check_outside(args.out, args.data)
     check_folder(args.out)
     return dict(
@@ -402,7 +401,8 @@ def _settings_overrides(args: argparse.Namespace) -> dict:
 
 
 class _Bar:
-    """A tqdm bar over diffusion steps (or nothing)."""
+    """A tqdm bar over diffusion steps in a terminal; elsewhere (a log, a pipe) or with
+    --no-progress nothing per step: each case gets its one line from the command."""
 
     def __init__(self, desc: str, enabled: bool) -> None:
         self.bar = None
@@ -419,10 +419,9 @@ class _Bar:
         if not self.enabled:
             return
         if self.bar is None:  # created at the first step: errors before it print one line
-            from tqdm import tqdm
+            from .core.progress import progress_bar
 
-            self.bar = tqdm(total=progress.total, desc=self.desc, unit="step", file=sys.stderr,
-                            dynamic_ncols=True, leave=False)
+            self.bar = progress_bar(progress.total, desc=self.desc, unit="step", leave=False)
         if self.bar.total != progress.total:
             self.bar.total = progress.total
             self.bar.refresh()
@@ -468,7 +467,7 @@ def _run_localize(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .core.cases import choose_for_case, collect_cases
-    from .core.pipeline import check_outputs, output_paths, write_outputs
+    from .core.pipeline import check_memory, check_outputs, output_paths, write_outputs
     from .core.sharding import current_shard
     from .core.steps import drain
 
@@ -507,6 +506,7 @@ def _run_localize(args: argparse.Namespace) -> int:
                                  "to replace them, or choose another --out")
         check_outputs(paths, [*case.paths, *_files_in(choice.folder), *guide_files],
                       args.overwrite or args.resume, voxels=case.grid_voxels())
+        check_memory(case.grid_voxels(), len(choice.spec.modalities), case.name)
     where = f" ({shard.label()})" if shard.is_split else ""
     if shard.is_split or done:
         print(f"{len(cases) - len(done)} of {total} cases to run here{where}"
@@ -565,6 +565,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="run and score every k-th brain slice only (k times faster; default 1: "
                         "all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.add_argument("--baseline", choices=["flair", "none"], default="flair",
+                   help="flair (default): a table with the FLAIR-intensity baseline beside the "
+                        "model, per kind of case and per case, each at its own best threshold "
+                        "too; none: the model's summary only")
     _add_inference_options(p)
     p.set_defaults(func=_run_evaluate)
 
@@ -597,7 +601,7 @@ def _data_files(data: str | Path) -> list[Path]:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .core.evaluate import evaluate, format_report
+    from .core.evaluate import evaluate, format_baseline_table, format_report
     from .core.output import check_folder, check_target, write_json
 
     for name in ("cases", "calibration_cases", "z_stride"):
@@ -622,10 +626,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     shard.use_device(args.device)
     session, settings, guide = _open_session(args, model_folder)
     classifier_info = guide.record(settings)
+    from .core.progress import is_terminal
+
     bar = _Bar("", not args.no_progress)
 
     def on_case(i: int, n: int, name: str, which: str) -> None:
         bar.describe(f"{which} {i + 1}/{n} {name}")
+        if not is_terminal():  # a log: one line per case instead of the bar
+            print(f"{which} {i + 1}/{n} {name}", file=sys.stderr, flush=True)
 
     try:
         report = evaluate(
@@ -646,6 +654,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(f"classifier guidance, s={classifier_info['scale']:g}, classifier "
               f"{classifier_info['path']}")
     print(format_report(report))
+    if args.baseline == "flair":
+        print()
+        print(format_baseline_table(report))
     if args.json is not None:
         write_json(report, args.json, inputs, overwrite=args.overwrite)
         print(f"wrote {args.json}")
@@ -739,10 +750,13 @@ def _demo_gui(sample: Path, args: argparse.Namespace) -> int:
         from .core.model_choice import AUTO
         from .core.registry import resolve_model
 
-        widget = LocalizeWidget(viewer)
+        # Docked as the Plugins menu docks it: the same title, the same layer proxies.
+        _, widget = viewer.window.add_plugin_dock_widget("napari-whatishealthy",
+                                                         "Lesion localization")
+        if not isinstance(widget, LocalizeWidget):
+            raise ImportError("the plugin's widget contribution did not give the widget")
         if args.model != AUTO:  # otherwise the widget's Automatic choice
             widget.set_model(str(resolve_model(args.model)))
-        viewer.window.add_dock_widget(widget, name="What is Healthy?", area="right")
     except ImportError as exc:
         print(f"whatishealthy demo: warning: the widget could not be loaded ({exc})",
               file=sys.stderr)

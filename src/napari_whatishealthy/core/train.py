@@ -28,8 +28,10 @@ import copy
 import json
 import math
 import os
+import pickle
 import time
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ from .model import (
     count_parameters,
     save_checkpoint,
 )
+from .progress import interval_line, is_live, progress_bar
 from .runtime import sigterm_as_interrupt as _stop_on_sigterm
 from .slice_store import SliceStore
 
@@ -175,7 +178,8 @@ def diffusion_loss(
     pick = torch.randint(0, len(timesteps), (x0.shape[0],), generator=generator, device=where)
     t = timesteps.to(where)[pick].to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=where).to(x0.device)
-    ab = alphas_cumprod[t].to(x0.device, torch.float32).view(-1, 1, 1, 1)
+    # Index on the timesteps' device: a CPU table indexed by CUDA timesteps is an error.
+    ab = alphas_cumprod.to(x0.device, torch.float32)[t].view(-1, 1, 1, 1)
     xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     pred = model(xt, t, labels)
     return F.mse_loss(pred.float(), noise)
@@ -339,6 +343,8 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
     log(f"slices: train {train_set.counts()} from {len(train_cases)} cases, "
         f"validation {val_set.counts()} from {len(val_cases)} cases")
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
     model = model.to(device)
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
@@ -351,16 +357,17 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
     step = 0
     elapsed_before = 0.0
     if config.resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimiser.load_state_dict(state["optimiser"])
-        step = int(state["step"])
-        elapsed_before = float(state["elapsed_s"])
-        sampler.set_state(json.loads(state["sampler"]))
-        init_record = json.loads(state.get("init_from", "{}"))
-        generator.set_state(state["generator"])
-        log(f"resumed at step {step}")
+        with resume_errors(state_path):
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            optimiser.load_state_dict(state["optimiser"])
+            step = int(state["step"])
+            elapsed_before = float(state["elapsed_s"])
+            sampler.set_state(json.loads(state["sampler"]))
+            init_record = json.loads(state.get("init_from", "{}"))
+            generator.set_state(state["generator"])
+            log(f"resumed at step {step}")
     alphas_cumprod = spec.schedule.alphas_cumprod().to(torch.float32)
     timesteps = spec.schedule.trained_timesteps()
     log(f"model: {count_parameters(model) / 1e6:.2f} M parameters on {device}, world size {dist_info.world}")
@@ -414,9 +421,9 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
     started = time.time()
     progress = None
     if show_progress and dist_info.is_main:
-        from tqdm import tqdm
-
-        progress = tqdm(total=config.steps, initial=step, unit="step", dynamic_ncols=True)
+        progress = progress_bar(config.steps, initial=step, unit="step")
+    # Without a live bar (a log file, a pipe, --no-progress) each log interval is one line.
+    log_lines = dist_info.is_main and not is_live(progress)
     log_file = open(out / LOG_FILE, "a") if dist_info.is_main else None  # noqa: SIM115
     # On a GPU the training slices live there (float16), so that batches cost no host copies.
     slices_on_device = (
@@ -470,6 +477,8 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
                     record["val_loss"] = validation_loss(ema, val_set, alphas_cumprod, timesteps, device, config.amp)
                 if progress is not None:
                     progress.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['slices_per_s']:.0f}")
+                if log_lines:  # no live bar (a batch job, a log file): one line per interval
+                    log(interval_line(record, config.steps))
                 if log_file is not None:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
@@ -488,6 +497,21 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
             dist.barrier()
             dist.destroy_process_group()
     return out / CHECKPOINT_DIR
+
+
+@contextlib.contextmanager
+def resume_errors(path: Path) -> Iterator[None]:
+    """A training state that cannot be read back (a pickle with code, a truncated or foreign
+    file, another network's weights) becomes one line, not a traceback."""
+    try:
+        yield
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, TypeError,
+            AttributeError, IndexError, OSError, zipfile.BadZipFile) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise WhatIsHealthyError(
+            f"{path}: not a training state this run can resume ({reason}); delete it to start "
+            "again, or resume with the options of the run that wrote it"
+        ) from None
 
 
 def save_state_atomic(state: dict, path: Path) -> None:
