@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         widget.threshold.setValue(widget.threshold.value() * 0.8)
     shoot(viewer, app, out / "05-tune.png", note)
 
+    # Review: the histogram under the threshold, the lesion table (a row clicked) ---------------
+    review(viewer, app, widget, out, note)
+
     # Paint -------------------------------------------------------------------------------------
     mask = viewer.layers[f"{source} mask"]
     viewer.layers.selection.active = mask
@@ -232,7 +235,75 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(the mask was saved to {saved}, a temporary folder)")
     viewer.close()
     single_volume(app, out, z, args.device)
+    small_screen(app, out, model, note)
+    cohort(app, out, workdir, model, args.device, note)
     return 0
+
+
+def review(viewer, app, widget, out: Path, note: str | None) -> None:
+    """10: the Mask box (histogram with its threshold markers, lesion table) after a row was
+    clicked; 11: the whole window at that moment."""
+    widget.scroll_area.ensureWidgetVisible(widget.lesion_table)
+    settle(app, 0.5)
+    if widget.lesion_table.lesions:
+        widget.lesion_table.go_to(widget.lesion_table.lesions[0])
+    settle(app, 0.5)
+    path = out / "10-lesions-histogram.png"
+    widget.result_box.grab().save(str(path))
+    stamp(path, note)
+    print(f"wrote {path}")
+    shoot(viewer, app, out / "11-lesion-jump.png", note)
+
+
+def small_screen(app, out: Path, model: str, note: str | None) -> None:
+    """12: the window on a 1366 x 768 screen: the widget scrolls instead of growing the window."""
+    import napari
+
+    viewer = napari.Viewer(title="napari: What is Healthy?", show=True)
+    viewer.window.resize(1366, 768)
+    viewer.open_sample(PLUGIN, "sample_case")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
+    if model != "default":
+        widget.set_model(model)
+    settle(app, 1.0)
+    shoot(viewer, app, out / "12-small-screen.png", note)
+    viewer.close()
+
+
+def cohort(app, out: Path, workdir: Path, model: str, device: str, note: str | None) -> None:
+    """13: Cohort review of three synthetic cases, two of them run (as `whatishealthy localize`
+    writes them), the first shown with a painted correction autosaved."""
+    import napari
+    from napari.settings import get_plugin_settings
+
+    from napari_whatishealthy.core.cohort import open_cohort, run_case
+    from napari_whatishealthy.core.steps import drain
+    from napari_whatishealthy.core.synthetic import synthesise
+
+    cases = workdir / "cohort"
+    synthesise(cases, 3, seed=11, voxel_size=2.0, healthy_fraction=0.0)
+    found = open_cohort(cases)
+    for entry in found.cases[:2]:
+        drain(run_case(found, entry, model=model, device=device))
+    settings = get_plugin_settings(PLUGIN)
+    saved = settings.run.model
+    viewer = napari.Viewer(title="napari: What is Healthy?", show=True)
+    viewer.window.resize(1560, 1080)
+    _, panel = viewer.window.add_plugin_dock_widget(PLUGIN, "Cohort review")
+    panel.open_folder(cases)
+    viewer.camera.orientation2d = ("up", "left")
+    if panel.lesion_table.lesions:
+        panel.lesion_table.go_to(panel.lesion_table.lesions[0])
+    mask = panel.mask_layer
+    if mask is not None:
+        viewer.layers.selection.active = mask
+        z = int(viewer.dims.current_step[0])
+        a, r = (int(v) for v in np.asarray(mask.data.shape[1:]) // 2)
+        mask.paint((z, a, r), 1)
+    settle(app, 1.5)  # the autosave
+    shoot(viewer, app, out / "13-cohort.png", note)
+    settings.run.model = saved
+    viewer.close()
 
 
 def single_volume(app, out: Path, z: int, device: str) -> None:

@@ -96,3 +96,18 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.int16
     img.header.set_sform(affine, code=1)
     nib.save(img, str(path))
     return path
+
+
+@pytest.fixture(autouse=True)
+def plugin_settings_in_tmp(tmp_path, monkeypatch):
+    """napari's plugin settings (the widget's saved device, model and folders) live in this
+    test's folder: never the user's, never carried from one test to the next."""
+    try:
+        from napari import settings as napari_settings
+    except ImportError:  # the core alone
+        yield None
+        return
+    napari_settings._clear_plugin_settings_cache()
+    monkeypatch.setattr(napari_settings, "_CFG_PATH", str(tmp_path / "napari-settings.yaml"))
+    yield tmp_path / "napari-whatishealthy.yaml"
+    napari_settings._clear_plugin_settings_cache()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -86,3 +87,26 @@ def test_gpu_check_quick_on_cpu_prints_every_row():
     reference = next(r for r in rows if r[0] == "reference, batch 32, float32")
     assert reference[3] == "1.00x" and float(reference[2]) > 0
     assert re.fullmatch(r"gpu_speedup_vs_reference \d+\.\d\d", proc.stdout.strip().splitlines()[-1])
+
+
+def test_synth_slices_equal_the_slices_train_makes_from_the_synth_files(tmp_path):
+    """benchmarks/synth_slices.py skips the NIfTI files; its slices must be those files' slices."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import synth_slices
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from napari_whatishealthy.core.data import build_slice_set, discover_cases, load_slice_set
+    from napari_whatishealthy.core.synthetic import synthesise
+
+    models = {"default": ("flair", "t1", "t1ce", "t2"), "flair": ("flair",)}
+    n = synth_slices.build(tmp_path / "work", 2, seed=7, workers=1, seconds=300, models=models,
+                           size=16, voxel_size=6.0)
+    assert n == 2
+    synthesise(tmp_path / "files", 2, seed=7, voxel_size=6.0)
+    for name, modalities in models.items():
+        fast = load_slice_set(tmp_path / "work" / name / "slices.npz")
+        ref = build_slice_set(discover_cases(tmp_path / "files"), modalities, 16)
+        assert fast.cases == ref.cases
+        assert np.array_equal(fast.labels, ref.labels) and (fast.labels == 1).any()
+        assert np.array_equal(fast.slices, ref.slices)

@@ -86,23 +86,25 @@ def test_train_init_from_continues_from_the_given_weights(capsys, synthetic_case
 
     tiny = ["--size", 16, "--batch", 4, "--channels", "8,16", "--attention", "0,1", "--amp", "off",
             "--no-progress", "--log-every", 1]
-    rc, _, err = run(capsys, "train", synthetic_cases, "--out", tmp_path / "a", "--steps", 3, *tiny)
+    # (seed 1: other random initial weights than the runs below)
+    rc, _, err = run(capsys, "train", synthetic_cases, "--out", tmp_path / "a", "--steps", 3,
+                     "--seed", 1, *tiny)
     assert rc == 0, err
     start = tmp_path / "a" / "checkpoint"
-    # With lr 0 the weights cannot move: the result is the starting model, bit for bit ...
+    # With a negligible lr the weights cannot move: the result is the starting model ...
     rc, _, err = run(capsys, "train", synthetic_cases, "--out", tmp_path / "b", "--steps", 2,
-                     "--lr", 0, "--init-from", start, *tiny)
+                     "--lr", 1e-12, "--init-from", start, *tiny)
     assert rc == 0, err
     a, b = (load_file(str(d / "checkpoint" / "model.safetensors")) for d in (tmp_path / "a", tmp_path / "b"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-7) for k in a)
     record = load_checkpoint(tmp_path / "b" / "checkpoint").spec.training
     assert record["init_from"]["steps"] == 3 and record["total_steps"] == 5
     # ... while the same run without --init-from starts from random weights.
     rc, _, err = run(capsys, "train", synthetic_cases, "--out", tmp_path / "c", "--steps", 2,
-                     "--lr", 0, *tiny)
+                     "--lr", 1e-12, *tiny)
     assert rc == 0, err
     c = load_file(str(tmp_path / "c" / "checkpoint" / "model.safetensors"))
-    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert not all(torch.allclose(a[k], c[k], rtol=0, atol=1e-3) for k in a)
 
 
 def test_train_init_from_a_model_that_does_not_fit_says_what_differs(capsys, synthetic_cases,

@@ -3,7 +3,10 @@ model files and lying headers are refused with one line, before any computing.""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,8 +78,8 @@ def test_absurd_localize_settings_are_one_line_errors(capsys, tiny_checkpoint, c
 
 
 @pytest.mark.parametrize(("args", "match"), [
-    (["--lr", "nan"], "--lr must be a number in (0, 1]"),
-    (["--lr", "-1"], "--lr must be a number in (0, 1]"),
+    (["--lr", "nan"], "--lr must be a number in [0, 1]"),
+    (["--lr", "-1"], "--lr must be a number in [0, 1]"),
     (["--seed", str(2**70)], "seed must be an integer in"),
     (["--label-dropout", "2"], "--label-dropout must be in [0, 1]"),
 ])
@@ -86,3 +89,104 @@ def test_absurd_training_options_are_one_line_errors(capsys, synthetic_cases, tm
                      "1", *args])
     assert match in _one_line_error(capsys, code)
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Defects 5 and 7: untrusted model files
+
+
+def _edited(tiny_checkpoint, tmp_path, edit) -> str:
+    folder = tmp_path / "edited"
+    shutil.copytree(tiny_checkpoint, folder)
+    spec = json.loads((folder / "spec.json").read_text())
+    edit(spec)
+    text = spec if isinstance(spec, str) else json.dumps(spec)
+    (folder / "spec.json").write_text(text)
+    return str(folder)
+
+
+def _set(path: str, value):
+    def edit(spec):
+        *parents, last = path.split(".")
+        for key in parents:
+            spec = spec[key]
+        spec[last] = value
+    return edit
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (_set("schedule.beta_schedule", "quadratic"), "beta_schedule must be one of"),
+    (_set("network.channels", "8,16"), "network.channels must be a list"),
+    (_set("network.channels", [8, 12]), "norm_num_groups 8 must divide"),
+    (_set("network.channels", [4096, 4096, 4096]), "network.channels must be an integer in"),
+    (lambda spec: spec["network"].update(channels=[1024] * 4, attention_levels=[False] * 4),
+     "parameters, more than"),
+    (_set("labels", {"healthy": 0, "unhealthy": 1}), "labels must name exactly"),
+    (_set("labels", ["healthy", "unhealthy", "null"]), "labels must name exactly"),
+    (_set("schedule.timestep_stride", 0), "timestep_stride must be an integer in"),
+    (_set("image_size", 10**6), "image_size must be an integer in"),
+    (_set("inference.guidance", 1e308), "guidance must be a number in"),
+    (_set("inference.median_size", 100000), "median_size must be an integer in"),
+    (_set("network", "deep"), "malformed"),
+    (lambda spec: spec.update(description="[" * 100000 + "]" * 100000), None),
+])
+def test_malformed_spec_values_are_one_line_errors(capsys, tiny_checkpoint, case_dirs, tmp_path,
+                                                   edit, match):
+    folder = _edited(tiny_checkpoint, tmp_path, edit)
+    if match is None:  # deep nesting: the spec file itself is nested 100000 levels
+        (Path(folder) / "spec.json").write_text("[" * 100000 + "]" * 100000)
+        match = "nested too deeply|must be a JSON object"
+    code = cli.main(["localize", str(case_dirs[0]), "--out", str(tmp_path / "o"), "--model",
+                     folder, "--no-progress"])
+    line = _one_line_error(capsys, code)
+    assert re.search(match, line), line
+
+
+def test_weight_shapes_are_checked_before_the_network_is_built(tiny_checkpoint, tmp_path,
+                                                              monkeypatch):
+    """Defect 5: a spec whose network does not fit the weights never allocates it."""
+    from napari_whatishealthy.core import model as model_mod
+    from napari_whatishealthy.core.model import CheckpointError
+
+    folder = _edited(tiny_checkpoint, tmp_path, _set("network.channels", [16, 32]))
+    built = []
+    real = model_mod.ConditionalUNet.__init__
+
+    def spy(self, spec):
+        built.append(next(iter(torch.empty(0).device.type for _ in [0])))
+        real(self, spec)
+
+    monkeypatch.setattr(model_mod.ConditionalUNet, "__init__", spy)
+    with pytest.raises(CheckpointError, match=r"do not match the spec.*of another shape"):
+        load_checkpoint(folder)
+    assert built == ["meta"]  # only the shape check's meta-device build, no real one
+
+
+@pytest.mark.parametrize("kind", ["pickle", "truncated"])
+def test_resume_from_a_bad_state_is_one_line(capsys, synthetic_cases, tmp_path, kind):
+    out = tmp_path / "run"
+    out.mkdir()
+    state = out / "train_state.pt"
+    if kind == "pickle":
+        import pickle
+
+        state.write_bytes(pickle.dumps({"model": object()}))
+    else:
+        torch.save({"step": 1, "model": {}}, state)
+        state.write_bytes(state.read_bytes()[:40])
+    code = cli.main(["train", str(synthetic_cases), "--out", str(out), "--resume", "--steps", "1",
+                     "--size", "16", "--channels", "8,16", "--attention", "0,1", "--batch", "2",
+                     "--no-progress"])
+    assert "not a training state this run can resume" in _one_line_error(capsys, code)
+
+
+def test_a_volume_larger_than_the_memory_is_refused_with_the_estimate(capsys, tiny_checkpoint,
+                                                                     case_dirs, tmp_path,
+                                                                     monkeypatch):
+    from napari_whatishealthy.core import pipeline
+
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 2**20)
+    code = cli.main(["localize", str(case_dirs[0]), "--out", str(tmp_path / "o"), "--model",
+                     str(tiny_checkpoint), "--no-progress"])
+    line = _one_line_error(capsys, code)
+    assert "needs about" in line and "GiB are available" in line

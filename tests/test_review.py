@@ -309,3 +309,86 @@ def test_radiological_view_and_the_mask_over_the_scan(make_napari_viewer, qtbot,
     assert set(names[source + 1:source + 3]) == {"flair healthy", "flair difference"}
     assert names.index("flair healthy") < names.index("seg")  # the truth is not hidden under it
     assert not layer(viewer, "flair healthy").visible  # the scan stays in view; toggle to compare
+
+
+# ------------------------------------------------------------------------------------------------
+# Saved settings (napari plugin configurations)
+
+
+def test_model_and_device_are_saved_and_restored(make_napari_viewer, lesion_case, tiny_checkpoint,
+                                                 plugin_settings_in_tmp):
+    from napari.settings import get_plugin_settings
+
+    viewer, widget = docked(make_napari_viewer, lesion_case, tiny_checkpoint)
+    widget.device_combo.setCurrentText("cpu")
+    saved = get_plugin_settings(PLUGIN)
+    assert saved.run.model == str(tiny_checkpoint) and saved.run.device == "cpu"
+    assert "device: cpu" in plugin_settings_in_tmp.read_text()  # written by napari
+    # A new widget (a new session) starts from them.
+    from napari_whatishealthy._widget import LocalizeWidget
+
+    again = LocalizeWidget(widget.viewer)
+    assert again is not widget
+    assert again.model_combo.currentData() == str(tiny_checkpoint)
+    assert again.device_combo.currentText() == "cpu"
+    # A bundled model is saved by name; a folder that is gone falls back to Automatic.
+    again.set_model(again.model_combo.itemData(1))  # the first bundled model
+    assert saved.run.model in ("default", "flair")
+    saved.run.model = str(tiny_checkpoint / "missing")
+    assert LocalizeWidget(widget.viewer).is_auto_model
+
+
+# ------------------------------------------------------------------------------------------------
+# Cohort review
+
+
+def test_cohort_review_runs_steps_and_autosaves(make_napari_viewer, qtbot, cases_copy,
+                                                tiny_checkpoint):
+    from napari.settings import get_plugin_settings
+
+    from napari_whatishealthy._cohort_panel import CohortPanel
+
+    get_plugin_settings(PLUGIN).run.model = str(tiny_checkpoint)  # the saved default model
+    get_plugin_settings(PLUGIN).run.device = "cpu"
+    viewer = make_napari_viewer()
+    _, panel = viewer.window.add_plugin_dock_widget(PLUGIN, "Cohort review")
+    assert isinstance(panel, CohortPanel)
+    inputs = {p: p.read_bytes() for p in cases_copy.rglob("*.nii.gz")}
+    assert panel.open_folder(cases_copy)
+    n = len(panel.cohort.cases)
+    assert panel.case_list.count() == n and "not run" in panel.case_list.item(0).text()
+    assert "flair" in [lay.name for lay in viewer.layers]  # the first case's inputs are shown
+    assert panel.mask_layer is None  # no results yet
+
+    panel.run_todo()
+    qtbot.waitUntil(lambda: not panel.is_running, timeout=TIMEOUT_MS)
+    assert panel.last_error is None, panel.last_error
+    assert all(entry.done for entry in panel.cohort.cases)
+    assert "done" in panel.case_list.item(0).text()
+    first = panel.cohort.cases[0]
+    mask = panel.mask_layer  # the shown case was reloaded with its results
+    assert mask is not None and mask.name == f"{first.name} mask"
+    model_mask = first.outputs["mask"].read_bytes()
+
+    # Paint: saved beside the outputs a moment later, on the source grid.
+    z = mask.data.shape[0] // 2
+    mask.paint((z, 5, 5), 7, refresh=True)
+    qtbot.waitUntil(lambda: panel.last_autosave is not None, timeout=5000)
+    edited = nib.load(first.edited_mask)
+    assert edited.shape == nib.load(first.outputs["mask"]).shape
+    assert int(np.count_nonzero(np.asarray(edited.dataobj) == 7)) >= 1
+    assert first.outputs["mask"].read_bytes() == model_mask  # the model's mask is kept
+    assert {p: p.read_bytes() for p in cases_copy.rglob("*.nii.gz")} == inputs  # inputs too
+
+    # Next case: its layers replace the first's; back again: the painted mask comes back.
+    panel.next_button.click()
+    names = [lay.name for lay in viewer.layers]
+    assert f"{first.name} mask" not in names and f"{panel.current.name} mask" in names
+    panel.previous_button.click()
+    assert panel.current is first and "edited" in panel.case_list.item(0).text()
+    assert int(np.count_nonzero(panel.mask_layer.data == 7)) >= 1
+    assert panel.lesion_table.table.rowCount() >= 1
+
+    # The output folder opens as the same cohort, from its provenance files.
+    assert panel.open_folder(first.outputs["mask"].parent)
+    assert len(panel.cohort.cases) == n and panel.cohort.cases[0].status() == "edited"

@@ -20,6 +20,7 @@ from ._widget_layout import SCOPE_SLICE, SCOPE_VOLUME, build_layout
 from ._widget_model import ModelChoice
 from ._widget_result import ResultHandlers
 from ._widget_run import RunHandlers
+from ._widget_settings import SettingsHandlers
 from ._widget_state import InputCache, ResultSession
 from ._writer import prefer_this_writer
 
@@ -31,7 +32,7 @@ __all__ = ["LocalizeWidget", "SCOPE_SLICE", "SCOPE_VOLUME"]
 log = logging.getLogger(__name__)
 
 
-class LocalizeWidget(ModelChoice, RunHandlers, ResultHandlers, QWidget):
+class LocalizeWidget(ModelChoice, RunHandlers, ResultHandlers, SettingsHandlers, QWidget):
     """Dock widget: healthy counterfactual, difference map and lesion mask for an MRI volume.
 
     Split by concern: the controls are made in :mod:`._widget_layout`; the handlers are mixed in
@@ -76,6 +77,7 @@ class LocalizeWidget(ModelChoice, RunHandlers, ResultHandlers, QWidget):
         self._populate_models()
         self._refresh_layer_choices()
         prefer_this_writer()  # File > Save Selected Layers defaults to NIfTI (see _writer)
+        self._restore_settings()
         self.set_orientation(self.orientation_combo.currentText())
         try:  # S/A/R arrows on the canvas, so that the orientation can be read off the view
             self.viewer.axes.visible = True

@@ -50,8 +50,10 @@ class ModelChoice:
             self._update_run_enabled()
 
     def _browse_model(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Choose a checkpoint folder")
+        start = self._last_folder("checkpoint")
+        folder = QFileDialog.getExistingDirectory(self, "Choose a checkpoint folder", start)
         if folder:
+            self._remember_folder("checkpoint", Path(folder).parent)
             self.set_model(folder)
 
     def set_model(self, path: str | Path) -> None:
@@ -79,6 +81,7 @@ class ModelChoice:
             self._set_modality_question(None)
             self._use_model(ref, None)
         self._update_run_enabled()
+        self._remember_model()
 
     def _use_model(self, ref: str | None, reason: str | None) -> None:
         """Load the spec of checkpoint ``ref`` (None: no model) and rebuild what depends on it."""

@@ -324,6 +324,8 @@ class ResultHandlers:
             self._session.record_edits(layer.data)
         if path is None:
             default = default_mask_path(layer.metadata, layer.name)
+            if not layer.metadata.get("source_path") and self._last_folder("save"):
+                default = Path(self._last_folder("save")) / default.name
             chosen, _ = QFileDialog.getSaveFileName(
                 self, "Save mask", str(default), "NIfTI (*.nii.gz *.nii)"
             )
@@ -332,6 +334,7 @@ class ResultHandlers:
             path = chosen
         try:
             written = Path(save_layer(layer, str(path))[0])
+            self._remember_folder("save", written.parent)
         except (WhatIsHealthyError, OSError) as exc:
             self._notify_error(f"could not save the mask: {exc}")
             return None

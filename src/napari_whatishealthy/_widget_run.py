@@ -125,6 +125,7 @@ class RunHandlers:
             "guidance": float(self.guidance.value()),
             "noise_level": float(self.noise_level.value()),
             "steps": int(self.steps.value()),
+            "batch_size": self._saved_batch_size(),
             "min_component_voxels": int(self.min_size.value()),
             "brain_only": bool(self.brain_only.isChecked()),
             "threshold": self.threshold.value() if self._session is not None else None,

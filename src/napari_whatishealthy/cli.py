@@ -157,15 +157,14 @@ def _run_options(args: argparse.Namespace) -> dict:
     import math
 
     from .core.output import check_folder, check_outside
-    from .core.settings import check_seed
-
-    if not (math.isfinite(args.lr) and 0.0 < args.lr <= 1.0):
-        raise WhatIsHealthyError(f"--lr must be a number in (0, 1], got {args.lr}")
+    if not (math.isfinite(args.lr) and 0.0 <= args.lr <= 1.0):
+        raise WhatIsHealthyError(f"--lr must be a number in [0, 1], got {args.lr}")
     for name in ("label_dropout", "ema_decay", "weight_decay"):
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise WhatIsHealthyError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
-    check_seed(args.seed)
+    if not 0 <= args.seed < 2**32:
+        raise WhatIsHealthyError(f"--seed must be an integer in [0, 2**32 - 1], got {args.seed}")
     check_outside(args.out, args.data)
     check_folder(args.out)
     return dict(
@@ -434,7 +433,7 @@ def _run_localize(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .core.cases import choose_for_case, collect_cases
-    from .core.pipeline import check_outputs, output_paths, write_outputs
+    from .core.pipeline import check_memory, check_outputs, output_paths, write_outputs
     from .core.sharding import current_shard
     from .core.steps import drain
 
@@ -473,6 +472,7 @@ def _run_localize(args: argparse.Namespace) -> int:
                                  "to replace them, or choose another --out")
         check_outputs(paths, [*case.paths, *_files_in(choice.folder), *guide_files],
                       args.overwrite or args.resume, voxels=case.grid_voxels())
+        check_memory(case.grid_voxels(), len(choice.spec.modalities), case.name)
     where = f" ({shard.label()})" if shard.is_split else ""
     if shard.is_split or done:
         print(f"{len(cases) - len(done)} of {total} cases to run here{where}"
@@ -705,10 +705,13 @@ def _demo_gui(sample: Path, args: argparse.Namespace) -> int:
         from .core.model_choice import AUTO
         from .core.registry import resolve_model
 
-        widget = LocalizeWidget(viewer)
+        # Docked as the Plugins menu docks it: the same title, the same layer proxies.
+        _, widget = viewer.window.add_plugin_dock_widget("napari-whatishealthy",
+                                                         "Lesion localization")
+        if not isinstance(widget, LocalizeWidget):
+            raise ImportError("the plugin's widget contribution did not give the widget")
         if args.model != AUTO:  # otherwise the widget's Automatic choice
             widget.set_model(str(resolve_model(args.model)))
-        viewer.window.add_dock_widget(widget, name="What is Healthy?", area="right")
     except ImportError as exc:
         print(f"whatishealthy demo: warning: the widget could not be loaded ({exc})",
               file=sys.stderr)

@@ -41,6 +41,7 @@ from .model import (
     ScheduleSpec,
     load_state_strict,
     read_safetensors,
+    read_spec_json,
     write_checkpoint_files,
 )
 
@@ -158,15 +159,18 @@ class ClassifierSpec:
             if "modalities" in data:
                 data["modalities"] = tuple(data["modalities"])
             spec = cls(network=network, schedule=schedule, inference=inference, **data)
-        except TypeError as exc:
+        except (TypeError, AttributeError, ValueError) as exc:
             raise CheckpointError(
-                f"{prefix}the classifier spec has unknown or missing fields: {exc}"
-            ) from exc
-        if sorted(spec.labels) != sorted(CLASSIFIER_LABELS):
+                f"{prefix}the classifier spec has unknown or missing fields, or malformed ones ({exc})"
+            ) from None
+        if not isinstance(spec.labels, dict) or sorted(spec.labels) != sorted(CLASSIFIER_LABELS):
             raise CheckpointError(
                 f"{prefix}the classifier's labels must be {sorted(CLASSIFIER_LABELS)}, got "
-                f"{sorted(spec.labels)}"
+                f"{sorted(spec.labels) if isinstance(spec.labels, dict) else spec.labels!r}"
             )
+        from .spec_check import check_classifier_spec
+
+        check_classifier_spec(where, spec)
         return spec
 
 
@@ -230,12 +234,7 @@ def load_classifier_spec(directory: str | Path) -> ClassifierSpec:
             f"{path}: no classifier spec here; a classifier checkpoint is a folder with "
             f"{SPEC_FILE} and {WEIGHTS_FILE}"
         )
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: the classifier spec is not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: the classifier spec must be a JSON object")
+    data = read_spec_json(path, "classifier")
     return ClassifierSpec.from_dict(data, where=str(Path(directory)))
 
 
@@ -253,7 +252,10 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
             f"{directory}: expected a classifier checkpoint folder holding {SPEC_FILE} and "
             f"{WEIGHTS_FILE}"
         )
+    from .spec_check import check_weights_fit
+
     spec = load_classifier_spec(directory)
+    check_weights_fit(directory / WEIGHTS_FILE, lambda: build_classifier(spec), "classifier")
     state = read_safetensors(directory / WEIGHTS_FILE, "classifier checkpoint")
     model = build_classifier(spec)
     load_state_strict(model, state, f"{directory}: the classifier weights do not match its spec")

@@ -123,20 +123,29 @@ class ModelSpec:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+    def from_dict(cls, data: dict[str, Any], where: str = "") -> ModelSpec:
+        """A spec from its JSON object, every field checked against the schema of
+        :mod:`.spec_check` (types and bounds); errors start with ``where``."""
+        from .spec_check import check_model_spec
+
+        prefix = f"{where}: " if where else ""
         data = dict(data)
         fmt = data.pop("format", SPEC_FORMAT)
         if fmt != SPEC_FORMAT:
-            raise CheckpointError(f"unknown spec format {fmt!r} (this version reads {SPEC_FORMAT!r})")
+            raise CheckpointError(f"{prefix}unknown spec format {fmt!r} (this version reads "
+                                  f"{SPEC_FORMAT!r})")
         try:
             network = NetworkSpec(**_tuples(data.pop("network", {})))
             schedule = ScheduleSpec(**data.pop("schedule", {}))
             inference = InferenceDefaults(**data.pop("inference", {}))
             if "modalities" in data:
                 data["modalities"] = tuple(data["modalities"])
-            return cls(network=network, schedule=schedule, inference=inference, **data)
-        except TypeError as exc:
-            raise CheckpointError(f"the model spec has unknown or missing fields: {exc}") from exc
+            spec = cls(network=network, schedule=schedule, inference=inference, **data)
+        except (TypeError, AttributeError, ValueError) as exc:
+            raise CheckpointError(f"{prefix}the model spec has unknown, missing or malformed "
+                                  f"fields ({exc})") from None
+        check_model_spec(where, spec)
+        return spec
 
 
 def _tuples(d: dict[str, Any]) -> dict[str, Any]:
@@ -231,13 +240,24 @@ def load_spec(directory: str | Path) -> ModelSpec:
         raise CheckpointError(
             f"{path}: no model spec here; a checkpoint is a folder with {SPEC_FILE} and {WEIGHTS_FILE}"
         )
+    data = read_spec_json(path, "model")
+    return ModelSpec.from_dict(data, where=str(path))
+
+
+def read_spec_json(path: Path, what: str) -> dict[str, Any]:
+    """A spec file's JSON object; unreadable, invalid, too deeply nested or oversized JSON is
+    one CheckpointError line."""
     try:
+        if path.stat().st_size > 1 << 20:
+            raise CheckpointError(f"{path}: a {what} spec is a small JSON file; this one is "
+                                  f"{path.stat().st_size >> 20} MiB")
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: the model spec is not valid JSON ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise CheckpointError(f"{path}: the {what} spec is not valid JSON ({reason})") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: the model spec must be a JSON object")
-    return ModelSpec.from_dict(data)
+        raise CheckpointError(f"{path}: the {what} spec must be a JSON object")
+    return data
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> ConditionalUNet:
@@ -251,7 +271,11 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         raise CheckpointError(
             f"{directory}: expected a checkpoint folder holding {SPEC_FILE} and {WEIGHTS_FILE}"
         )
+    from .spec_check import check_weights_fit
+
     spec = load_spec(directory)
+    # The file's tensor shapes against the spec before the network takes any memory.
+    check_weights_fit(directory / WEIGHTS_FILE, lambda: build_model(spec), "model")
     state = read_safetensors(directory / WEIGHTS_FILE, "checkpoint")
     model = build_model(spec)
     load_state_strict(model, state, f"{directory}: the weights do not match the spec")
@@ -259,11 +283,9 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     return model.to(device)
 
 
-def read_safetensors(weights: Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file; a pickle or zip is refused before anything is parsed."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def refuse_pickle(weights: Path, what: str = "checkpoint") -> None:
+    """A missing weights file, or a pickle or zip (which could execute code), is refused before
+    anything is parsed."""
     if not weights.is_file():
         raise CheckpointError(f"{weights}: weights file missing from the {what}")
     with open(weights, "rb") as fh:
@@ -273,6 +295,14 @@ def read_safetensors(weights: Path, what: str = "checkpoint") -> dict[str, torch
             f"{weights}: this is a pickle/zip file, not safetensors; pickled checkpoints are "
             "refused because loading them can execute code. Convert it with safetensors."
         )
+
+
+def read_safetensors(weights: Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; a pickle or zip is refused before anything is parsed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    refuse_pickle(weights, what)
     try:
         return load_file(str(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

@@ -135,26 +135,34 @@ class _Component:
     strength: float = 1.0  # 1: full lesion contrast; less: closer to the tissue it replaces
 
 
+_TEMPLATE_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+
+
 @lru_cache(maxsize=1)
 def _templates() -> dict[str, np.ndarray]:
-    """MNI152 T1 template, GM/WM probabilities and brain mask at 1 mm (RAS), plus their affine."""
-    import warnings
+    """MNI152 T1 template, GM/WM probabilities and brain mask at 1 mm (RAS), plus their affine.
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from nilearn import datasets
+    Read straight from the files nilearn ships, as ``nilearn.datasets.load_mni152_*`` reads
+    them (each divided by its maximum; brain = T1 > 0.2), without importing
+    ``nilearn.datasets``, which pulls in ``requests`` for its downloaders.
+    """
+    import importlib.util
 
-        t1 = datasets.load_mni152_template(resolution=1)
-        gm = datasets.load_mni152_gm_template(resolution=1)
-        wm = datasets.load_mni152_wm_template(resolution=1)
-        mask = datasets.load_mni152_brain_mask(resolution=1)
-    out = {
-        "t1": np.asarray(t1.dataobj, dtype=np.float32),
-        "gm": np.asarray(gm.dataobj, dtype=np.float32),
-        "wm": np.asarray(wm.dataobj, dtype=np.float32),
-        "brain": np.asarray(mask.dataobj, dtype=np.float32),
-        "affine": t1.affine.astype(np.float64),
-    }
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the synthetic cases need nilearn's MNI152 template files: pip install nilearn")
+    data_dir = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    out: dict[str, np.ndarray] = {}
+    for key, filename in _TEMPLATE_FILES.items():
+        img = nib.load(data_dir / filename)
+        array = np.asarray(img.dataobj, dtype=np.float32)
+        out[key] = array / array.max()
+        out["affine"] = img.affine.astype(np.float64)
+    out["brain"] = (out["t1"] > 0.2).astype(np.float32)
     return out
 
 
@@ -607,6 +615,18 @@ def case_kinds(n_cases: int, healthy_fraction: float, subtle_fraction: float, rn
     return kinds
 
 
+def plan_cases(
+    cases: int, seed: int, healthy_fraction: float = 0.2, subtle_fraction: float = 0.3,
+    prefix: str = "Synth",
+) -> list[tuple[str, str, int]]:
+    """(name, kind, case seed) of each case that ``synthesise`` with these arguments makes."""
+    rng = np.random.default_rng(seed)
+    kinds = case_kinds(cases, healthy_fraction, subtle_fraction, rng)
+    case_seeds = rng.integers(0, 2**31 - 1, size=cases)
+    return [(f"{prefix}_{seed:04d}_{i:04d}", kind, int(case_seed))
+            for i, (kind, case_seed) in enumerate(zip(kinds, case_seeds, strict=True))]
+
+
 def synthesise(
     out: str | Path,
     cases: int,
@@ -625,13 +645,10 @@ def synthesise(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    kinds = case_kinds(cases, healthy_fraction, subtle_fraction, rng)
-    case_seeds = rng.integers(0, 2**31 - 1, size=cases)
     infos = []
-    for i, (kind, case_seed) in enumerate(zip(kinds, case_seeds, strict=True)):
-        name = f"{prefix}_{seed:04d}_{i:04d}"
-        images, seg, affine, info = make_case(name, int(case_seed), kind, voxel_size, families)
+    for i, (name, kind, case_seed) in enumerate(plan_cases(cases, seed, healthy_fraction,
+                                                           subtle_fraction, prefix)):
+        images, seg, affine, info = make_case(name, case_seed, kind, voxel_size, families)
         write_case(out, name, images, seg, affine, overwrite=overwrite)
         infos.append(info)
         if progress is not None:

@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import time
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -156,6 +158,21 @@ def save_state_atomic(state: dict, path: Path) -> None:
     write_file(path, lambda tmp: torch.save(state, tmp), overwrite=True)
 
 
+@contextlib.contextmanager
+def resume_errors(path: Path) -> Iterator[None]:
+    """A training state that cannot be read back (a pickle with code, a truncated or foreign
+    file, another network's weights) becomes one line, not a traceback."""
+    try:
+        yield
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, TypeError,
+            AttributeError, IndexError, OSError, zipfile.BadZipFile) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise WhatIsHealthyError(
+            f"{path}: not a training state this run can resume ({reason}); delete it to start "
+            "again, or resume with the options of the run that wrote it"
+        ) from None
+
+
 def read_log(out: str | Path) -> list[dict]:
     path = Path(out) / LOG_FILE
     if not path.exists():
@@ -259,6 +276,8 @@ class _Run:
 
     def _setup_optimisation(self) -> None:
         config, objective, device = self.config, self.objective, self.device
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
         model = objective.model = objective.model.to(device)
         objective.on_device(device)
         self.optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr,
@@ -285,14 +304,15 @@ class _Run:
                 model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def _resume(self) -> None:
-        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
-        self.objective.model.load_state_dict(state["model"])
-        self.optimiser.load_state_dict(state["optimiser"])
-        self.step = int(state["step"])
-        self.elapsed_before = float(state["elapsed_s"])
-        self.sampler.set_state(json.loads(state["sampler"]))
-        self.generator.set_state(state["generator"])
-        self.objective.load_extra_state(state, self.step)
+        with resume_errors(self.state_path):
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+            self.objective.model.load_state_dict(state["model"])
+            self.optimiser.load_state_dict(state["optimiser"])
+            self.step = int(state["step"])
+            self.elapsed_before = float(state["elapsed_s"])
+            self.sampler.set_state(json.loads(state["sampler"]))
+            self.generator.set_state(state["generator"])
+            self.objective.load_extra_state(state, self.step)
         self.log(f"resumed at step {self.step}")
 
     def elapsed(self) -> float:
@@ -372,6 +392,8 @@ class _Run:
                     if progress is not None:
                         progress.set_postfix({k: f"{v:.4g}" for k, v in record.items()
                                               if k in ("loss", "acc", "slices_per_s")})
+                    else:  # no bar (a batch job): one line per log interval
+                        self.log(self._line(record))
                     if log_file is not None:
                         log_file.write(json.dumps(record) + "\n")
                         log_file.flush()
@@ -390,6 +412,13 @@ class _Run:
                 dist.barrier()
                 dist.destroy_process_group()
         return self.out / CHECKPOINT_DIR
+
+    def _line(self, record: dict[str, Any]) -> str:
+        val = record.get("val_loss")
+        val = f", val loss {val:.4f}" if val is not None else ""
+        steps_per_s = record["slices_per_s"] / self.config.batch / self.dist.world
+        return (f"step {self.step}: loss {record['loss']:.4f}{val}, {steps_per_s:.1f} steps/s, "
+                f"{record['elapsed_s']:.0f} s")
 
     def _record(self, window: _Window, lr: float) -> dict[str, Any]:
         now = time.time()

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Continue training BOTH bundled models (four-modality `default` and `flair`) on one GPU, at the
+# same time, from their bundled weights, on freshly synthesised cases (generator v2, seed 100;
+# calibration 2000 and test 1000 stay held out).
+#
+# Writes exactly six files:
+#   $OUT/default/{model.safetensors,spec.json,train_log.jsonl}
+#   $OUT/flair/{model.safetensors,spec.json,train_log.jsonl}
+#
+#   bash benchmarks/gpu_train.sh                                   # GPU: ~70 s synthesis + 270 s
+#   DEVICE=cpu TRAIN_SECONDS=20 CASES=4 SYNTH_SECONDS=120 OUT=/tmp/o bash benchmarks/gpu_train.sh
+#
+# Settings (environment): TRAIN_SECONDS (270) training wall clock per model; CASES (192) cases
+# planned; SYNTH_SECONDS (70) synthesis deadline (cases finished by then are used); WORKERS
+# (nproc) synthesis processes; BATCH (256); LR (3e-4); WARMUP (200); DEVICE (cuda); SEED (100);
+# VOXEL (1.0 mm). The package is used from $PYTHONPATH (src/ if unset); nothing is installed.
+# SIGTERM/SIGINT stop both runs, which save their EMA weights first; the files are still copied.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="${PYTHONPATH:-$PWD/src}"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+OUT="${OUT:?set OUT to the output folder}"
+TRAIN_SECONDS="${TRAIN_SECONDS:-270}"
+CASES="${CASES:-192}"
+SYNTH_SECONDS="${SYNTH_SECONDS:-70}"
+WORKERS="${WORKERS:-$(nproc)}"
+BATCH="${BATCH:-256}"
+LR="${LR:-3e-4}"
+WARMUP="${WARMUP:-200}"
+DEVICE="${DEVICE:-cuda}"
+SEED="${SEED:-100}"
+VOXEL="${VOXEL:-1.0}"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_train.XXXXXX")"
+echo "gpu_train: work $WORK, out $OUT, device $DEVICE, $TRAIN_SECONDS s, batch $BATCH, lr $LR"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+
+t0=$(date +%s)
+"$PY" benchmarks/synth_slices.py "$WORK" --cases "$CASES" --seed "$SEED" --workers "$WORKERS" \
+    --seconds "$SYNTH_SECONDS" --voxel-size "$VOXEL" \
+    --model default:flair,t1,t1ce,t2 --model flair:flair || exit 1
+echo "gpu_train: synthesis took $(( $(date +%s) - t0 )) s"
+
+minutes=$("$PY" -c "print($TRAIN_SECONDS / 60)")
+pids=()
+train_one() {  # name, modalities
+    OMP_NUM_THREADS=4 "$PY" -m napari_whatishealthy train "$WORK/data" --out "$WORK/$1" \
+        --init-from "$1" --modalities "$2" --steps 1000000 --batch "$BATCH" --lr "$LR" \
+        --warmup "$WARMUP" --label-dropout 0.2 --ema-decay 0.999 --device "$DEVICE" \
+        --time-limit "$minutes" --log-every 100 --val-every 500 --checkpoint-every 1000000 \
+        --seed "$SEED" --name "$1" --no-progress > >(sed -u "s/^/[$1] /") 2>&1 &
+    pids+=($!)  # the python process itself (output prefixed through a process substitution)
+}
+stop() { echo "gpu_train: stopping (the runs save first)"; kill -TERM "${pids[@]}" 2>/dev/null; }
+trap stop TERM INT
+train_one default flair,t1,t1ce,t2
+train_one flair flair
+wait "${pids[@]}"
+wait "${pids[@]}" 2>/dev/null  # a trapped signal interrupts the first wait
+
+status=0
+for name in default flair; do
+    mkdir -p "$OUT/$name"
+    for f in checkpoint/model.safetensors checkpoint/spec.json train_log.jsonl; do
+        if [ -f "$WORK/$name/$f" ]; then cp "$WORK/$name/$f" "$OUT/$name/"; else echo "gpu_train: missing $name/$f"; status=1; fi
+    done
+done
+ls -l "$OUT"/default "$OUT"/flair
+echo "gpu_train: done in $(( $(date +%s) - t0 )) s"
+exit $status
