@@ -367,7 +367,8 @@ def _settings_overrides(args: argparse.Namespace) -> dict:
 
 
 class _Bar:
-    """A tqdm bar over diffusion steps (or nothing)."""
+    """A tqdm bar over diffusion steps in a terminal; elsewhere (a log, a pipe) or with
+    --no-progress nothing per step: each case gets its one line from the command."""
 
     def __init__(self, desc: str, enabled: bool) -> None:
         self.bar = None
@@ -384,10 +385,9 @@ class _Bar:
         if not self.enabled:
             return
         if self.bar is None:  # created at the first step: errors before it print one line
-            from tqdm import tqdm
+            from .core.progress import progress_bar
 
-            self.bar = tqdm(total=progress.total, desc=self.desc, unit="step", file=sys.stderr,
-                            dynamic_ncols=True, leave=False)
+            self.bar = progress_bar(progress.total, desc=self.desc, unit="step", leave=False)
         if self.bar.total != progress.total:
             self.bar.total = progress.total
             self.bar.refresh()
@@ -588,10 +588,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     shard.use_device(args.device)
     session, settings, guide = _open_session(args, model_folder)
     classifier_info = guide.record(settings)
+    from .core.progress import is_terminal
+
     bar = _Bar("", not args.no_progress)
 
     def on_case(i: int, n: int, name: str, which: str) -> None:
         bar.describe(f"{which} {i + 1}/{n} {name}")
+        if not is_terminal():  # a log: one line per case instead of the bar
+            print(f"{which} {i + 1}/{n} {name}", file=sys.stderr, flush=True)
 
     try:
         report = evaluate(

@@ -96,7 +96,8 @@ def diffusion_loss(
     pick = torch.randint(0, len(timesteps), (x0.shape[0],), generator=generator, device=where)
     t = timesteps.to(where)[pick].to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=where).to(x0.device)
-    ab = alphas_cumprod[t].to(x0.device, torch.float32).view(-1, 1, 1, 1)
+    # Index on the timesteps' device: a CPU table indexed by CUDA timesteps is an error.
+    ab = alphas_cumprod.to(x0.device, torch.float32)[t].view(-1, 1, 1, 1)
     xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     pred = model(xt, t, labels)
     return F.mse_loss(pred.float(), noise)

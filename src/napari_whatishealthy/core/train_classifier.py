@@ -86,9 +86,11 @@ def classifier_loss(
 
     Returns ``(loss, logits, t)``."""
     pick = torch.randint(0, len(timesteps), (x0.shape[0],), generator=generator)
-    t = timesteps[pick].to(x0.device)
+    t_cpu = timesteps[pick]
+    t = t_cpu.to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    ab = alphas_cumprod[t].to(x0.device, torch.float32).view(-1, 1, 1, 1)
+    # Indexed on the CPU, where the table is: CUDA timesteps cannot index a CPU tensor.
+    ab = alphas_cumprod[t_cpu].to(x0.device, torch.float32).view(-1, 1, 1, 1)
     xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     logits = model(xt, t).float()
     return F.cross_entropy(logits, labels), logits, t

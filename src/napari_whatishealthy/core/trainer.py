@@ -29,6 +29,7 @@ import torch
 from .data import SliceSet, discover_cases, load_slice_set
 from .errors import WhatIsHealthyError
 from .model import HEALTHY, UNHEALTHY, count_parameters
+from .progress import interval_line, is_live, progress_bar
 from .slice_store import SliceStore
 
 _STARTED = time.time()  # a rebuilt store must be newer than this process (other ranks wait)
@@ -367,9 +368,9 @@ class _Run:
         self.started = time.time()
         progress = None
         if self.show_progress and self.dist.is_main:
-            from tqdm import tqdm
-
-            progress = tqdm(total=config.steps, initial=self.step, unit="step", dynamic_ncols=True)
+            progress = progress_bar(config.steps, initial=self.step, unit="step")
+        # Without a live bar (a log file, a pipe, --no-progress) each log interval is one line.
+        log_lines = self.dist.is_main and not is_live(progress)
         log_file = open(self.out / LOG_FILE, "a") if self.dist.is_main else None  # noqa: SIM115
         # On a GPU the training slices live there (float16), so that batches cost no host copies.
         on_device = (torch.from_numpy(self.train_set.read(np.arange(len(self.train_set))))
@@ -392,8 +393,8 @@ class _Run:
                     if progress is not None:
                         progress.set_postfix({k: f"{v:.4g}" for k, v in record.items()
                                               if k in ("loss", "acc", "slices_per_s")})
-                    else:  # no bar (a batch job): one line per log interval
-                        self.log(self._line(record))
+                    if log_lines:  # no live bar (a batch job, a log file): one line per interval
+                        self.log(interval_line(record, config.steps))
                     if log_file is not None:
                         log_file.write(json.dumps(record) + "\n")
                         log_file.flush()
@@ -412,13 +413,6 @@ class _Run:
                 dist.barrier()
                 dist.destroy_process_group()
         return self.out / CHECKPOINT_DIR
-
-    def _line(self, record: dict[str, Any]) -> str:
-        val = record.get("val_loss")
-        val = f", val loss {val:.4f}" if val is not None else ""
-        steps_per_s = record["slices_per_s"] / self.config.batch / self.dist.world
-        return (f"step {self.step}: loss {record['loss']:.4f}{val}, {steps_per_s:.1f} steps/s, "
-                f"{record['elapsed_s']:.0f} s")
 
     def _record(self, window: _Window, lr: float) -> dict[str, Any]:
         now = time.time()
