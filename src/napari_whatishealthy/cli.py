@@ -367,7 +367,8 @@ def _settings_overrides(args: argparse.Namespace) -> dict:
 
 
 class _Bar:
-    """A tqdm bar over diffusion steps (or nothing)."""
+    """A tqdm bar over diffusion steps in a terminal; elsewhere (a log, a pipe) or with
+    --no-progress nothing per step: each case gets its one line from the command."""
 
     def __init__(self, desc: str, enabled: bool) -> None:
         self.bar = None
@@ -384,10 +385,9 @@ class _Bar:
         if not self.enabled:
             return
         if self.bar is None:  # created at the first step: errors before it print one line
-            from tqdm import tqdm
+            from .core.progress import progress_bar
 
-            self.bar = tqdm(total=progress.total, desc=self.desc, unit="step", file=sys.stderr,
-                            dynamic_ncols=True, leave=False)
+            self.bar = progress_bar(progress.total, desc=self.desc, unit="step", leave=False)
         if self.bar.total != progress.total:
             self.bar.total = progress.total
             self.bar.refresh()
@@ -533,6 +533,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="run and score every k-th brain slice only (k times faster; default 1: "
                         "all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.add_argument("--baseline", choices=["flair", "none"], default="flair",
+                   help="flair (default): a table with the FLAIR-intensity baseline beside the "
+                        "model, per kind of case and per case, each at its own best threshold "
+                        "too; none: the model's summary only")
     _add_inference_options(p)
     p.set_defaults(func=_run_evaluate)
 
@@ -565,7 +569,7 @@ def _data_files(data: str | Path) -> list[Path]:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .core.evaluate import evaluate, format_report
+    from .core.evaluate import evaluate, format_baseline_table, format_report
     from .core.output import check_folder, check_target, write_json
 
     for name in ("cases", "calibration_cases", "z_stride"):
@@ -590,10 +594,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     shard.use_device(args.device)
     session, settings, guide = _open_session(args, model_folder)
     classifier_info = guide.record(settings)
+    from .core.progress import is_terminal
+
     bar = _Bar("", not args.no_progress)
 
     def on_case(i: int, n: int, name: str, which: str) -> None:
         bar.describe(f"{which} {i + 1}/{n} {name}")
+        if not is_terminal():  # a log: one line per case instead of the bar
+            print(f"{which} {i + 1}/{n} {name}", file=sys.stderr, flush=True)
 
     try:
         report = evaluate(
@@ -614,6 +622,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(f"classifier guidance, s={classifier_info['scale']:g}, classifier "
               f"{classifier_info['path']}")
     print(format_report(report))
+    if args.baseline == "flair":
+        print()
+        print(format_baseline_table(report))
     if args.json is not None:
         write_json(report, args.json, inputs, overwrite=args.overwrite)
         print(f"wrote {args.json}")

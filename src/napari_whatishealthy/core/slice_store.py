@@ -49,6 +49,7 @@ import numpy as np
 from .errors import InputError
 from .model import HEALTHY, UNHEALTHY, ModelSpec
 from .output import sha256_file, write_file
+from .progress import progress_bar
 
 FORMAT = "napari-whatishealthy/slice-store/1"
 INDEX_FILE = "index.json"
@@ -474,11 +475,7 @@ def _prepare_parts(todo: list[tuple[int, Path, Path]], prep: Preprocessing, work
                    show_progress: bool) -> None:
     if not todo:
         return
-    bar = None
-    if show_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), unit="case", desc="slice store", dynamic_ncols=True)
+    bar = progress_bar(len(todo), unit="case", desc="slice store") if show_progress else None
     args = [(str(case), tuple(prep.modalities), prep.image_size, str(part))
             for _, case, part in todo]
     try:

@@ -53,6 +53,7 @@ from .model import (
     count_parameters,
     save_checkpoint,
 )
+from .progress import interval_line, is_live, progress_bar
 from .runtime import sigterm_as_interrupt as _stop_on_sigterm
 from .slice_store import SliceStore
 
@@ -177,7 +178,8 @@ def diffusion_loss(
     pick = torch.randint(0, len(timesteps), (x0.shape[0],), generator=generator, device=where)
     t = timesteps.to(where)[pick].to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=where).to(x0.device)
-    ab = alphas_cumprod[t].to(x0.device, torch.float32).view(-1, 1, 1, 1)
+    # Index on the timesteps' device: a CPU table indexed by CUDA timesteps is an error.
+    ab = alphas_cumprod.to(x0.device, torch.float32)[t].view(-1, 1, 1, 1)
     xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     pred = model(xt, t, labels)
     return F.mse_loss(pred.float(), noise)
@@ -419,9 +421,9 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
     started = time.time()
     progress = None
     if show_progress and dist_info.is_main:
-        from tqdm import tqdm
-
-        progress = tqdm(total=config.steps, initial=step, unit="step", dynamic_ncols=True)
+        progress = progress_bar(config.steps, initial=step, unit="step")
+    # Without a live bar (a log file, a pipe, --no-progress) each log interval is one line.
+    log_lines = dist_info.is_main and not is_live(progress)
     log_file = open(out / LOG_FILE, "a") if dist_info.is_main else None  # noqa: SIM115
     # On a GPU the training slices live there (float16), so that batches cost no host copies.
     slices_on_device = (
@@ -475,11 +477,8 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
                     record["val_loss"] = validation_loss(ema, val_set, alphas_cumprod, timesteps, device, config.amp)
                 if progress is not None:
                     progress.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['slices_per_s']:.0f}")
-                else:  # no bar (a batch job): one line per log interval
-                    val = f", val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
-                    log(f"step {step}: loss {record['loss']:.4f}{val}, "
-                        f"{record['slices_per_s'] / config.batch / dist_info.world:.1f} steps/s, "
-                        f"{record['elapsed_s']:.0f} s")
+                if log_lines:  # no live bar (a batch job, a log file): one line per interval
+                    log(interval_line(record, config.steps))
                 if log_file is not None:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()

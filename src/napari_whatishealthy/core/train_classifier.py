@@ -39,6 +39,7 @@ from .classifier import (
 from .data import SliceSet, load_slice_set
 from .errors import WhatIsHealthyError
 from .model import count_parameters
+from .progress import interval_line, is_live, progress_bar
 from .train import (
     CACHE_FILE,
     CHECKPOINT_DIR,
@@ -101,9 +102,11 @@ def classifier_loss(
 
     Returns ``(loss, logits, t)``."""
     pick = torch.randint(0, len(timesteps), (x0.shape[0],), generator=generator)
-    t = timesteps[pick].to(x0.device)
+    t_cpu = timesteps[pick]
+    t = t_cpu.to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    ab = alphas_cumprod[t].to(x0.device, torch.float32).view(-1, 1, 1, 1)
+    # Indexed on the CPU, where the table is: CUDA timesteps cannot index a CPU tensor.
+    ab = alphas_cumprod[t_cpu].to(x0.device, torch.float32).view(-1, 1, 1, 1)
     xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     logits = model(xt, t).float()
     return F.cross_entropy(logits, labels), logits, t
@@ -290,11 +293,9 @@ def _train(config: ClassifierTrainConfig, log: Callable[[str], None],
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    progress = None
-    if show_progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=config.steps, initial=step, unit="step", dynamic_ncols=True)
+    progress = progress_bar(config.steps, initial=step, unit="step") if show_progress else None
+    # Without a live bar (a log file, a pipe, --no-progress) each log interval is one line.
+    log_lines = not is_live(progress)
     model.train()
     window_loss, window_acc, window_n, window_t = 0.0, 0.0, 0, time.time()
     with open(out / LOG_FILE, "a") as log_file:
@@ -343,6 +344,8 @@ def _train(config: ClassifierTrainConfig, log: Callable[[str], None],
                     if progress is not None:
                         progress.set_postfix(loss=f"{record['loss']:.3f}",
                                              acc=f"{record['acc']:.2f}")
+                    if log_lines:
+                        log(interval_line(record, config.steps))
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
                     window_loss, window_acc, window_n, window_t = 0.0, 0.0, 0, time.time()
