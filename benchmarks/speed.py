@@ -182,6 +182,9 @@ def worker(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             remask(full, threshold, settings.min_component_voxels, True, order="zyx")
             timings.append(time.perf_counter() - t0)
+        from napari_whatishealthy.core.counterfactual import describe_inference
+
+        result.update(choices=describe_inference("cpu", settings))
         result.update(preview_s=preview, preview_cached_s=preview_cached, volume_s=volume_s,
                       slices=int(len(prepared.slice_index)),
                       remask_ms=1000 * float(np.median(timings)),
@@ -233,12 +236,13 @@ def ablation(args: argparse.Namespace) -> list[tuple[str, float, float | None]]:
 
     batch = 2 * 24  # decoding's doubled batch at the CPU default of 24 slices per chunk
     configs = [
-        ("reference: float32, 1 slice per call, no_grad", 1, False, False, False),
-        ("+ inference_mode", 1, False, False, True),
-        ("+ bf16 autocast", 1, True, False, True),
-        (f"+ {batch} slices per call", batch, True, False, True),
+        (f"reference code: float32, {REFERENCE_CODE_BATCH} slices per call, no_grad",
+         REFERENCE_CODE_BATCH, False, False, False),
+        ("naive loop: float32, 1 slice per call, no_grad", 1, False, False, False),
+        ("reference code + inference_mode", REFERENCE_CODE_BATCH, False, False, True),
+        ("+ bf16 autocast", REFERENCE_CODE_BATCH, True, False, True),
+        (f"+ {batch} slices per call (decoding's doubled chunk)", batch, True, False, True),
         ("+ channels-last", batch, True, True, True),
-        ("  (previous default: 128 per call)", 128, True, True, True),
     ]
     rows: list[tuple[str, float, float | None]] = []
     for name, b, bf16, cl, inference in configs:
@@ -292,8 +296,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.ablation:
         rows = ablation(args)
-        print(f"network time per slice, {'tiny model' if args.tiny else args.model}, cpu "
-              f"({os.cpu_count()} cores), torch {torch.__version__}, threads {torch.get_num_threads()}")
+        from napari_whatishealthy.core.hardware import cpu_info
+
+        print(f"network time per slice, {'tiny model' if args.tiny else args.model}, "
+              f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+        print(f"cpu: {cpu_info().describe()}")
         print()
         print("| configuration | ms per slice | vs reference | compile s |")
         print("|---|---|---|---|")

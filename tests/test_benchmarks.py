@@ -37,9 +37,14 @@ def _table_rows(text: str) -> list[list[str]]:
 def test_speed_tiny_compares_against_the_reference():
     out = _run(BENCHMARKS / "speed.py", "--tiny")
     rows = _table_rows(out)
-    assert [r[0] for r in rows] == ["reference loop (extrapolated)", "pipeline"]
+    assert [r[0] for r in rows] == ["reference code's structure, batch 32",
+                                    "naive loop, 1 slice per call (extrapolated)", "pipeline"]
     for row in rows:
         assert float(row[2]) > 0 and int(row[3]) > 0 and float(row[4]) > 0
+    assert rows[0][5] == "1.00x"  # the batch-32 reference is what the speedups are against
+    assert re.search(r"^cpu: .*torch CPU capability", out, re.M)
+    assert re.search(r"^pipeline on this cpu: torch, (float32|bfloat16 autocast), \d+ slices", out, re.M)
+    assert "75+75 steps" in out
     assert "outputs agree: yes" in out
     assert re.search(r"threshold slider .*: [\d.]+ ms median", out)
     assert re.fullmatch(r"speedup_vs_reference \d+\.\d\d", out.strip().splitlines()[-1])
@@ -48,14 +53,18 @@ def test_speed_tiny_compares_against_the_reference():
 def test_speed_ablation_tiny_lists_each_measure():
     out = _run(BENCHMARKS / "speed.py", "--ablation", "--tiny")
     rows = _table_rows(out)
-    assert rows[0][0].startswith("reference") and rows[0][2] == "1.00x"
+    assert rows[0][0].startswith("reference code: float32, 32 slices") and rows[0][2] == "1.00x"
+    assert rows[1][0].startswith("naive loop")
     assert any("channels-last" in r[0] for r in rows) and len(rows) == 6
     assert all(float(r[1]) > 0 for r in rows)
 
 
 def test_quality_tiny_has_every_method_and_baseline():
-    out = _run(BENCHMARKS / "quality.py", "--tiny", "--z-stride", "2")
+    full = _run(BENCHMARKS / "quality.py", "--tiny", "--z-stride", "2")
+    out, *beside = full.split("\n### ")  # the summary table, then one baseline table per run
     methods = {r[0] for r in _table_rows(out)}
+    assert len(beside) == len(methods) - 1  # every run but the baseline itself
+    assert all("FLAIR Dice (best threshold)" in b for b in beside)
     assert {"unguided reconstruction (w=0)", "FLAIR intensity"} <= methods
     assert any(m.startswith("counterfactual (w=") for m in methods)
     assert any(m.startswith("classifier guidance (s=") for m in methods)

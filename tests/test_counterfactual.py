@@ -412,9 +412,19 @@ def test_network_runs_under_autocast_but_arithmetic_stays_float32() -> None:
     assert not any(on for on, _ in seen)
 
 
-def test_autocast_choice() -> None:
-    assert autocast_dtype("auto", "cpu") is torch.bfloat16
-    assert autocast_dtype(True, "cpu") is torch.bfloat16
+def test_autocast_choice(monkeypatch) -> None:
+    from napari_whatishealthy.core import hardware
+
+    def cpu(*flags: str):
+        return lambda: hardware.CpuInfo("test CPU", frozenset(flags), "AVX2", 2)
+
+    # "auto" on a CPU: bf16 where the CPU has it natively (AMX or AVX512_BF16), else float32.
+    for flags, expected in ((("avx2",), None), (("avx2", "avx512f"), None),
+                            (("avx512f", "avx512_bf16"), torch.bfloat16),
+                            (("amx_bf16", "amx_tile"), torch.bfloat16)):
+        monkeypatch.setattr(hardware, "cpu_info", cpu(*flags))
+        assert autocast_dtype("auto", "cpu") is expected, flags
+        assert autocast_dtype(True, "cpu") is torch.bfloat16  # forced: always bf16
     assert autocast_dtype(False, "cpu") is None
     assert autocast_dtype("fp16", "cpu") is torch.float16
     assert autocast_dtype("auto", "mps") is None

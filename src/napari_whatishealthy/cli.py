@@ -482,6 +482,8 @@ def _run_localize(args: argparse.Namespace) -> int:
             continue
         session, settings, guide = _open_session(args, choice.folder)
         volume = case.load(session.spec)
+        for warning in volume.warnings:  # e.g. a qform that disagrees with the sform
+            print(f"{case.name}: warning: {warning}", file=sys.stderr)
         gen = session.iter_localize(volume.data, settings, guide, inputs=volume.source_paths)
         label = f"{case.name} [{position + 1}/{total}]" if total > 1 else case.name
         bar = _Bar(label, not args.no_progress)
@@ -531,6 +533,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="run and score every k-th brain slice only (k times faster; default 1: "
                         "all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.add_argument("--baseline", choices=["flair", "none"], default="flair",
+                   help="flair (default): a table with the FLAIR-intensity baseline beside the "
+                        "model, per kind of case and per case, each at its own best threshold "
+                        "too; none: the model's summary only")
     _add_inference_options(p)
     p.set_defaults(func=_run_evaluate)
 
@@ -563,7 +569,7 @@ def _data_files(data: str | Path) -> list[Path]:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .core.evaluate import evaluate, format_report
+    from .core.evaluate import evaluate, format_baseline_table, format_report
     from .core.output import check_folder, check_target, write_json
 
     for name in ("cases", "calibration_cases", "z_stride"):
@@ -616,6 +622,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(f"classifier guidance, s={classifier_info['scale']:g}, classifier "
               f"{classifier_info['path']}")
     print(format_report(report))
+    if args.baseline == "flair":
+        print()
+        print(format_baseline_table(report))
     if args.json is not None:
         write_json(report, args.json, inputs, overwrite=args.overwrite)
         print(f"wrote {args.json}")

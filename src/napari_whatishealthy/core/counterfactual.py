@@ -80,6 +80,7 @@ __all__ = [
     "counterfactual",
     "decode",
     "default_batch_size",
+    "describe_inference",
     "drain",
     "dynamic_normalise",
     "invert",
@@ -169,7 +170,31 @@ def autocast_dtype(amp: AmpSetting, device: torch.device | str) -> torch.dtype |
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if kind == "mps":
         return torch.float16
-    return torch.bfloat16
+    if amp is True:
+        return torch.bfloat16
+    # "auto" on a CPU: bf16 only where the CPU computes it natively (AMX or AVX512_BF16). Without
+    # it oneDNN emulates bf16 and the network got slower, not faster (default model, 32 slices
+    # per call, one thread, oneDNN limited to each instruction set on an AMD EPYC: bf16 against
+    # float32 took 7x as long with AVX2 only, 2.5x with AVX-512 without BF16, and 0.4-0.7x with
+    # AVX512_BF16; docs/benchmarks.md).
+    from .hardware import cpu_info
+
+    return torch.bfloat16 if cpu_info().native_bf16 else None
+
+
+def describe_inference(device: torch.device | str, settings: Any = None) -> str:
+    """What the network runs as on ``device`` with ``settings`` (amp, batch_size): one line for
+    logs and benchmarks, e.g. ``torch, bf16 autocast, 24 slices per chunk, channels-last``."""
+    amp = getattr(settings, "amp", "auto")
+    batch = getattr(settings, "batch_size", None) or default_batch_size(device)
+    dtype = autocast_dtype(amp, device)
+    precision = "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
+    text = f"torch, {precision}, {batch} slices per chunk, channels-last"
+    if torch.device(device).type == "cpu":
+        from .hardware import cpu_info
+
+        text += f", {torch.get_num_threads()} threads ({cpu_info().describe()})"
+    return text
 
 
 def dynamic_normalise(x0: torch.Tensor, percentile: float = 99.0) -> torch.Tensor:
