@@ -516,6 +516,8 @@ def _run_localize(args: argparse.Namespace) -> int:
             continue
         session, settings, guide = _open_session(args, choice.folder)
         volume = case.load(session.spec)
+        for warning in volume.warnings:  # e.g. a qform that disagrees with the sform
+            print(f"{case.name}: warning: {warning}", file=sys.stderr)
         gen = session.iter_localize(volume.data, settings, guide, inputs=volume.source_paths)
         label = f"{case.name} [{position + 1}/{total}]" if total > 1 else case.name
         bar = _Bar(label, not args.no_progress)
