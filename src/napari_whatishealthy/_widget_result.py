@@ -92,7 +92,6 @@ class ResultHandlers:
         self.histogram.set_histogram(session.histogram())
         self.histogram.set_current(params.threshold)
         self.lesion_table.bind(layer, session.difference(), uncertainty)
-        self._stale = False
         self.stale_label.setVisible(False)
         self.result_box.setEnabled(True)
         self._update_edits_label()
@@ -300,7 +299,6 @@ class ResultHandlers:
 
     def _mark_stale(self, *_: Any) -> None:
         if self._session is not None:
-            self._stale = True
             self.stale_label.setVisible(True)
 
     def set_orientation(self, name: str) -> None:
