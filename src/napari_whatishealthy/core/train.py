@@ -219,10 +219,15 @@ def load_initial_weights(init_from: str, spec: ModelSpec) -> tuple[dict[str, tor
     return read_safetensors(folder / "model.safetensors"), base, folder
 
 
-def _split_cases(n_cases: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _split_cases(
+    n_cases: int, val_fraction: float, seed: int, log: Callable[[str], None] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(seed).permutation(n_cases)
     n_val = int(round(n_cases * val_fraction)) if n_cases > 1 else 0
     n_val = min(max(n_val, 1 if n_cases >= 4 and val_fraction > 0 else 0), n_cases - 1)
+    if n_val == 0 and log is not None:
+        log(f"warning: {n_cases} case(s) leave none for validation: no validation loss will be "
+            "measured; give at least 4 cases to hold one out")
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
@@ -338,7 +343,8 @@ def _train(config: TrainConfig, log: Callable[[str], None], show_progress: bool)
         init_record = {"model": str(config.init_from), "sha256": checkpoint_hash(folder), "steps": before}
         log(f"starting from {config.init_from} ({folder}, {before} steps)")
     slice_set = _load_data(config, dist_info, log, show_progress)
-    train_cases, val_cases = _split_cases(len(slice_set.cases), config.val_fraction, config.seed)
+    train_cases, val_cases = _split_cases(len(slice_set.cases), config.val_fraction, config.seed,
+                                          log)
     train_set, val_set = slice_set.subset(train_cases), slice_set.subset(val_cases)
     log(f"slices: train {train_set.counts()} from {len(train_cases)} cases, "
         f"validation {val_set.counts()} from {len(val_cases)} cases")

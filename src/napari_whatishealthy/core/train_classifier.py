@@ -223,7 +223,8 @@ def _train(config: ClassifierTrainConfig, log: Callable[[str], None],
         )
     torch.manual_seed(config.seed)
     slice_set = _load_slices(config, log)
-    train_cases, val_cases = _split_cases(len(slice_set.cases), config.val_fraction, config.seed)
+    train_cases, val_cases = _split_cases(len(slice_set.cases), config.val_fraction, config.seed,
+                                          log)
     train_set, val_set = slice_set.subset(train_cases), slice_set.subset(val_cases)
     log(f"slices: train {train_set.counts()} from {len(train_cases)} cases, "
         f"validation {val_set.counts()} from {len(val_cases)} cases")
