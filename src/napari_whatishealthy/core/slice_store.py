@@ -531,3 +531,26 @@ def _prepare_parts(todo: list[tuple[int, Path, Path]], prep: Preprocessing, work
     finally:
         if bar is not None:
             bar.close()
+
+
+def resident_on_device(slices: Any, device: Any, fraction: float = 0.25,
+                       chunk_rows: int = 4096) -> Any:
+    """The rows of ``slices`` (a :class:`SliceStore` view or an in-RAM set) as one float16
+    tensor on a CUDA ``device`` when they take at most ``fraction`` of its free memory, copied
+    in chunks (host memory stays one chunk); None otherwise (batches are then read from the
+    store), and always None off CUDA."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda" or len(slices) == 0:
+        return None
+    first = slices.read(np.arange(1))
+    need = len(slices) * first.nbytes
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > fraction * free:
+        return None
+    out = torch.empty((len(slices), *first.shape[1:]), dtype=torch.from_numpy(first).dtype,
+                      device=device)
+    for start in range(0, len(slices), chunk_rows):
+        stop = min(start + chunk_rows, len(slices))
+        out[start:stop] = torch.from_numpy(slices.read(np.arange(start, stop))).to(device)
+    return out

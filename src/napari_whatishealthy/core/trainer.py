@@ -30,7 +30,7 @@ from .data import SliceSet, discover_cases, load_slice_set
 from .errors import WhatIsHealthyError
 from .model import HEALTHY, UNHEALTHY, count_parameters
 from .progress import interval_line, is_live, progress_bar
-from .slice_store import SliceStore
+from .slice_store import SliceStore, resident_on_device
 
 _STARTED = time.time()  # a rebuilt store must be newer than this process (other ranks wait)
 STATE_FILE = "train_state.pt"
@@ -377,9 +377,14 @@ class _Run:
         # Without a live bar (a log file, a pipe, --no-progress) each log interval is one line.
         log_lines = self.dist.is_main and not is_live(progress)
         log_file = open(self.out / LOG_FILE, "a") if self.dist.is_main else None  # noqa: SIM115
-        # On a GPU the training slices live there (float16), so that batches cost no host copies.
-        on_device = (torch.from_numpy(self.train_set.read(np.arange(len(self.train_set))))
-                     .to(self.device) if self.device.type == "cuda" else None)
+        # On a GPU the training slices live there (float16), so that batches cost no host
+        # copies, when they fit a quarter of its free memory (copied in chunks: the host's
+        # memory stays flat); a larger cohort streams its batches from the slice store.
+        on_device = resident_on_device(self.train_set, self.device)
+        if self.device.type == "cuda":
+            self.log("training slices " + ("on the GPU" if on_device is not None else
+                                           "read from the slice store per batch (too large "
+                                           "for a quarter of the GPU's free memory)"))
         self.objective.model.train()
         window = _Window()
         try:
