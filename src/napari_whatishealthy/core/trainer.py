@@ -30,7 +30,7 @@ from .data import SliceSet, discover_cases, load_slice_set
 from .errors import WhatIsHealthyError
 from .model import HEALTHY, UNHEALTHY, count_parameters
 from .progress import interval_line, is_live, progress_bar
-from .slice_store import SliceStore
+from .slice_store import SliceStore, resident_on_device
 
 _STARTED = time.time()  # a rebuilt store must be newer than this process (other ranks wait)
 STATE_FILE = "train_state.pt"
@@ -110,12 +110,17 @@ class BalancedSampler:
         self.rng.bit_generator.state = state
 
 
-def split_cases(n_cases: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_cases(
+    n_cases: int, val_fraction: float, seed: int, log: Callable[[str], None] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(training, validation) case indices: the same seed and fraction, the same held-out
-    cases for every network."""
+    cases for every network. ``log`` hears when no case is left for validation."""
     order = np.random.default_rng(seed).permutation(n_cases)
     n_val = int(round(n_cases * val_fraction)) if n_cases > 1 else 0
     n_val = min(max(n_val, 1 if n_cases >= 4 and val_fraction > 0 else 0), n_cases - 1)
+    if n_val == 0 and log is not None:
+        log(f"warning: {n_cases} case(s) leave none for validation: no validation loss will be "
+            "measured; give at least 4 cases to hold one out")
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
@@ -266,7 +271,7 @@ class _Run:
         objective.build(self.log)
         self.slices = objective.load_slices(self.dist, self.log, show_progress)
         self.train_cases, self.val_cases = split_cases(len(self.slices.cases),
-                                                       config.val_fraction, config.seed)
+                                                       config.val_fraction, config.seed, self.log)
         self.train_set = self.slices.subset(self.train_cases)
         self.val_set = self.slices.subset(self.val_cases)
         self.log(f"slices: train {self.train_set.counts()} from {len(self.train_cases)} cases, "
@@ -372,9 +377,14 @@ class _Run:
         # Without a live bar (a log file, a pipe, --no-progress) each log interval is one line.
         log_lines = self.dist.is_main and not is_live(progress)
         log_file = open(self.out / LOG_FILE, "a") if self.dist.is_main else None  # noqa: SIM115
-        # On a GPU the training slices live there (float16), so that batches cost no host copies.
-        on_device = (torch.from_numpy(self.train_set.read(np.arange(len(self.train_set))))
-                     .to(self.device) if self.device.type == "cuda" else None)
+        # On a GPU the training slices live there (float16), so that batches cost no host
+        # copies, when they fit a quarter of its free memory (copied in chunks: the host's
+        # memory stays flat); a larger cohort streams its batches from the slice store.
+        on_device = resident_on_device(self.train_set, self.device)
+        if self.device.type == "cuda":
+            self.log("training slices " + ("on the GPU" if on_device is not None else
+                                           "read from the slice store per batch (too large "
+                                           "for a quarter of the GPU's free memory)"))
         self.objective.model.train()
         window = _Window()
         try:
