@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from napari_whatishealthy.core.evaluate import evaluate
+    from napari_whatishealthy.core.evaluate import evaluate, format_baseline_table
     from napari_whatishealthy.core.pipeline import LocalizeSettings
     from napari_whatishealthy.core.registry import load_model_cached, resolve_model
     from napari_whatishealthy.core.runtime import tune_allocator
@@ -179,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"classifier: {classifier_info['path']} (sha256 {classifier_info['sha256'][:12]})")
     print(f"machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}")
     print()
-    print("| method | group | cases | AUROC | AUPRC | Dice default | Dice calibrated | Dice oracle | s/volume |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| method | group | cases | AUROC | AUPRC | Dice default | Dice calibrated | Dice oracle "
+          "| predicted/true volume | s/volume |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
 
     def fmt(v):
         return "-" if v is None else f"{v:.3f}"
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             d = g["dice"]
             print(f"| {name} | {group} | {g['cases']} | {fmt(g['auroc'])} | {fmt(g['auprc'])} | "
                   f"{fmt(d['default'])} | {fmt(d['calibrated'])} | {fmt(d['oracle'])} | "
+                  f"{fmt(g.get('volume_ratio', {}).get('default'))} | "
                   f"{'-' if secs is None else f'{secs:.1f}'} |")
     print()
     print("healthy controls, % of brain voxels flagged (default / calibrated / oracle threshold):")
@@ -208,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
             parts = " / ".join("-" if f[k] is None else f"{100 * f[k]:.2f}"
                                for k in ("default", "calibrated", "oracle"))
             print(f"  {name}: {parts}  ({hc['cases']} cases)")
+    # Every run beside the FLAIR baseline, per kind and per case (best thresholds labelled).
+    for name, report in reports.items():
+        print()
+        print(f"### {name} beside the FLAIR-intensity baseline")
+        print(format_baseline_table(report))
     thresholds = first["thresholds"]["counterfactual"]
     print("thresholds (counterfactual): " + ", ".join(
         f"{k} {'per case' if v['per_case'] else round(v['value'], 4)}" for k, v in thresholds.items()))

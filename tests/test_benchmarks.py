@@ -60,8 +60,11 @@ def test_speed_ablation_tiny_lists_each_measure():
 
 
 def test_quality_tiny_has_every_method_and_baseline():
-    out = _run(BENCHMARKS / "quality.py", "--tiny", "--z-stride", "2")
+    full = _run(BENCHMARKS / "quality.py", "--tiny", "--z-stride", "2")
+    out, *beside = full.split("\n### ")  # the summary table, then one baseline table per run
     methods = {r[0] for r in _table_rows(out)}
+    assert len(beside) == len(methods) - 1  # every run but the baseline itself
+    assert all("FLAIR Dice (best threshold)" in b for b in beside)
     assert {"unguided reconstruction (w=0)", "FLAIR intensity"} <= methods
     assert any(m.startswith("counterfactual (w=") for m in methods)
     assert any(m.startswith("classifier guidance (s=") for m in methods)

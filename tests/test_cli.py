@@ -288,6 +288,28 @@ def test_evaluate_json(capsys, tiny_checkpoint, synthetic_cases, case_dirs, tmp_
     # The oracle threshold is the best of the three on the evaluated set (before components).
     for case in report["cases"]:
         assert case["kind"] in ("typical", "subtle", "healthy")
+    # The baseline table (printed by default): the model beside the FLAIR baseline, one row per
+    # kind of case and one per case, best-threshold columns labelled as such.
+    table = [line for line in stdout.splitlines() if line.startswith("| ")]
+    assert "FLAIR Dice (best threshold)" in table[0] and "model Dice (best threshold)" in table[0]
+    names = [line.split("|")[1].strip() for line in table[1:]]
+    assert names[: len(report["pooled"]["counterfactual"])] == [
+        f"{g} ({v['cases']})" for g, v in report["pooled"]["counterfactual"].items()]
+    assert names[len(report["pooled"]["counterfactual"]):] == [c["name"] for c in report["cases"]]
+    assert "best threshold = the one threshold of best pooled Dice" in stdout
+    # Predicted / true volume: the default mask's voxels over the lesion's, per case and pooled.
+    lesion_cases = [c for c in report["cases"] if c["lesion_voxels"]]
+    for case in lesion_cases:
+        entry = case["counterfactual"]
+        expected = entry["flagged_fraction"]["default"] * case["brain_voxels"] / case["lesion_voxels"]
+        assert entry["volume_ratio"]["default"] == pytest.approx(expected)
+    pooled = report["pooled"]["counterfactual"]["all"]
+    predicted = sum(c["counterfactual"]["volume_ratio"]["default"] * c["lesion_voxels"]
+                    for c in lesion_cases)
+    assert pooled["volume_ratio"]["default"] == pytest.approx(predicted / pooled["lesion_voxels"])
+    rc, stdout, err = run(capsys, "evaluate", synthetic_cases, "--model", tiny_checkpoint,
+                          "--baseline", "none", "--no-progress", "--cases", 1)
+    assert rc == 0 and "FLAIR Dice (best threshold)" not in stdout
     rc, _, err = run(capsys, "evaluate", synthetic_cases, "--model", tiny_checkpoint, "--json",
                      report_path)
     assert_one_line_error(rc, err, "evaluate", "already exists")

@@ -1,4 +1,5 @@
-"""The `whatishealthy` command line: synth, train, train-classifier, localize, evaluate, demo.
+"""The `whatishealthy` command line: synth, train, train-classifier, prepare, localize, evaluate,
+demo.
 
 Each subcommand is a thin front end over the core (``core.pipeline`` does the work that the
 napari widget also calls). User errors (the project's own error type, unreadable or unwritable
@@ -229,6 +230,39 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------
 # train-classifier
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="build the slice store of a training set once (e.g. on a "
+                       "CPU node before a multi-GPU run); train reuses it with --store")
+    p.add_argument("data", help="folder of BraTS-layout cases with <case>_seg.nii.gz")
+    p.add_argument("--store", required=True, help="slice store folder to build (or check)")
+    p.add_argument("--size", type=int, default=64, help="model image size (default 64)")
+    p.add_argument("--modalities", default="flair,t1,t1ce,t2",
+                   help="comma-separated channels in order, as the model's")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes (default: the cores, at most 8)")
+    p.add_argument("--rebuild-store", action="store_true",
+                   help="rebuild even if the store matches (replaces one of other preprocessing)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_prepare)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from .core.data import discover_cases
+    from .core.slice_store import Preprocessing, open_or_build
+
+    _check_at_least_one(args, "size")
+    if args.workers is not None:
+        _check_at_least_one(args, "workers")
+    modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
+    store = open_or_build(args.store, discover_cases(args.data), Preprocessing(args.size,
+                          modalities), workers=args.workers, rebuild=args.rebuild_store,
+                          show_progress=not args.no_progress)
+    print(f"slice store {args.store}: {len(store):,} slices of {len(store.cases)} cases "
+          f"({store.counts()}), {store.nbytes / 2**20:.0f} MiB; use it with "
+          f"`whatishealthy train {args.data} --store {args.store} ...`")
+    return 0
 
 
 def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
@@ -482,6 +516,8 @@ def _run_localize(args: argparse.Namespace) -> int:
             continue
         session, settings, guide = _open_session(args, choice.folder)
         volume = case.load(session.spec)
+        for warning in volume.warnings:  # e.g. a qform that disagrees with the sform
+            print(f"{case.name}: warning: {warning}", file=sys.stderr)
         gen = session.iter_localize(volume.data, settings, guide, inputs=volume.source_paths)
         label = f"{case.name} [{position + 1}/{total}]" if total > 1 else case.name
         bar = _Bar(label, not args.no_progress)
@@ -531,6 +567,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="run and score every k-th brain slice only (k times faster; default 1: "
                         "all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.add_argument("--baseline", choices=["flair", "none"], default="flair",
+                   help="flair (default): a table with the FLAIR-intensity baseline beside the "
+                        "model, per kind of case and per case, each at its own best threshold "
+                        "too; none: the model's summary only")
     _add_inference_options(p)
     p.set_defaults(func=_run_evaluate)
 
@@ -563,7 +603,7 @@ def _data_files(data: str | Path) -> list[Path]:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .core.evaluate import evaluate, format_report
+    from .core.evaluate import evaluate, format_baseline_table, format_report
     from .core.output import check_folder, check_target, write_json
 
     for name in ("cases", "calibration_cases", "z_stride"):
@@ -616,6 +656,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(f"classifier guidance, s={classifier_info['scale']:g}, classifier "
               f"{classifier_info['path']}")
     print(format_report(report))
+    if args.baseline == "flair":
+        print()
+        print(format_baseline_table(report))
     if args.json is not None:
         write_json(report, args.json, inputs, overwrite=args.overwrite)
         print(f"wrote {args.json}")
@@ -736,6 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_train(sub)
     _add_train_classifier(sub)
+    _add_prepare(sub)
     _add_localize(sub)
     _add_evaluate(sub)
     _add_demo(sub)

@@ -317,7 +317,7 @@ def summarise(
             entry: dict[str, Any] = {
                 "auroc": _none_if_nan(auroc(r)) if r is not None else None,
                 "auprc": _none_if_nan(auprc(r)) if r is not None else None,
-                "dice": {}, "flagged_fraction": {}, "threshold": {},
+                "dice": {}, "flagged_fraction": {}, "threshold": {}, "volume_ratio": {},
             }
             for name in THRESHOLDS:
                 cnt = counts[method][name][i]
@@ -328,6 +328,7 @@ def summarise(
                 tp, fp, fn, flagged = cnt
                 entry["dice"][name] = 2 * tp / (2 * tp + fp + fn) if has_lesion else None
                 entry["flagged_fraction"][name] = flagged / max(c.brain_voxels, 1)
+                entry["volume_ratio"][name] = flagged / c.lesion_voxels if has_lesion else None
             per_case[i][method] = entry
 
     pooled: dict[str, dict[str, Any]] = {}
@@ -345,16 +346,20 @@ def summarise(
                 "brain_voxels": brain_voxels,
                 "auroc": _none_if_nan(auroc(r)) if r is not None else None,
                 "auprc": _none_if_nan(auprc(r)) if r is not None else None,
-                "dice": {}, "flagged_fraction": {},
+                "dice": {}, "flagged_fraction": {}, "volume_ratio": {},
             }
             for name in THRESHOLDS:
                 rows = [counts[method][name][i] for i in members]
                 if any(x is None for x in rows):
-                    g["dice"][name] = g["flagged_fraction"][name] = None
+                    g["dice"][name] = g["flagged_fraction"][name] = g["volume_ratio"][name] = None
                     continue
                 tp, fp, fn, flagged = (sum(x[k] for x in rows) for k in range(4))  # type: ignore[index]
                 g["dice"][name] = 2 * tp / (2 * tp + fp + fn) if has_lesion else None
                 g["flagged_fraction"][name] = flagged / max(brain_voxels, 1)
+                # Predicted / true lesion volume over the group's lesion cases (1 = right size).
+                lesion_rows = [counts[method][name][i] for i in members if cases[i].lesion_voxels]
+                g["volume_ratio"][name] = (sum(x[3] for x in lesion_rows) / int(truth.sum())  # type: ignore[index]
+                                           if has_lesion else None)
             pooled[method][group] = g
 
     controls = [i for i, c in enumerate(cases) if c.lesion_voxels == 0]
@@ -469,6 +474,51 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+BASELINE_NOTE = (
+    "best threshold = the one threshold of best pooled Dice on these cases, chosen per method "
+    "(optimistic: what a threshold tuned on the test cases would give); FLAIR baseline = "
+    "brain-normalised FLAIR intensity as the score, median filtered like the model's map"
+)
+
+
+def format_baseline_table(report: dict[str, Any]) -> str:
+    """Markdown table: the model beside the FLAIR-intensity baseline, per kind of case and per
+    case (AUPRC, Dice at the model's thresholds, both methods' best-threshold Dice, predicted /
+    true lesion volume, and the share of brain flagged in healthy controls)."""
+    cf, fl = "counterfactual", "flair_baseline"
+    lines = [
+        "| cases | kind | model AUPRC | FLAIR AUPRC | model Dice (default threshold) | "
+        "model Dice (calibrated) | model Dice (best threshold) | FLAIR Dice (best threshold) | "
+        "model predicted/true volume | brain flagged % (model / FLAIR best) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    def row(label: str, kind: str, m: dict, b: dict, flagged: tuple[Any, Any]) -> str:
+        return (f"| {label} | {kind} | {_fmt(m['auprc'])} | {_fmt(b['auprc'])} | "
+                f"{_fmt(m['dice']['default'])} | {_fmt(m['dice']['calibrated'])} | "
+                f"{_fmt(m['dice']['oracle'])} | {_fmt(b['dice']['oracle'])} | "
+                f"{_fmt(m.get('volume_ratio', {}).get('default'), 2)} | "
+                f"{pct(flagged[0])} / {pct(flagged[1])} |")
+
+    for group, m in report["pooled"][cf].items():
+        b = report["pooled"][fl][group]
+        flagged = (m["flagged_fraction"]["default"], b["flagged_fraction"]["oracle"])
+        label = f"{group} ({m['cases']})"
+        lines.append(row(label, "pooled", m, b, flagged if group == "healthy" else (None, None)))
+    for case in report["cases"]:
+        m, b = case[cf], case[fl]
+        healthy = case["lesion_voxels"] == 0
+        flagged = ((m["flagged_fraction"]["default"], b["flagged_fraction"]["oracle"])
+                   if healthy else (None, None))
+        lines.append(row(case["name"], case["kind"], m, b, flagged))
+    lines.append("")
+    lines.append(BASELINE_NOTE + ".")
+    return "\n".join(lines)
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -239,8 +239,9 @@ def _header_kind(head: bytes) -> str | None:
     return None
 
 
-def _sniff(path: Path) -> None:
-    """Refuse with a precise reason what nibabel would only call 'cannot work out file type'."""
+def _sniff(path: Path) -> tuple[bytes, bool, int]:
+    """Refuse with a precise reason what nibabel would only call 'cannot work out file type';
+    returns (the header bytes, whether gzip-compressed, the file size)."""
 
     def unreadable(reason: str, todo: str = "re-export or re-download the file") -> InputError:
         return InputError(f"{path}: not a readable NIfTI file: {reason}; {todo}")
@@ -281,6 +282,104 @@ def _sniff(path: Path) -> None:
                                "first (e.g. DICOM with dcm2niix)")
     if compressed and not named_gz and is_nifti_path(path):
         raise unreadable("a gzip-compressed NIfTI named .nii", "rename it to .nii.gz")
+    return head, compressed, size
+
+
+def _raw_header(head: bytes) -> nib.Nifti1Header:
+    """The header as stored (nibabel's loader would quietly repair some fields)."""
+    little = int.from_bytes(head[:4], "little") in (348, 540)
+    order = "<" if little else ">"
+    dt = (nib.nifti2.header_dtype if int.from_bytes(head[:4], "little" if little else "big") == 540
+          else nib.nifti1.header_dtype).newbyteorder(order)
+    cls = nib.Nifti2Header if dt.itemsize == 540 else nib.Nifti1Header
+    return cls(binaryblock=head[: dt.itemsize], endianness=order, check=False)
+
+
+def _data_length(path: Path, compressed: bool, size: int, expected: int) -> int:
+    """Bytes of the (decompressed) file: the gzip trailer's size, checked by decompressing
+    only when it disagrees with ``expected`` (it is the size modulo 2**32, of the last member)."""
+    if not compressed:
+        return size
+    with open(path, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        stored = int.from_bytes(fh.read(4), "little")
+    if stored == expected % 2**32:
+        return expected
+    total = 0
+    try:
+        with gzip.open(path, "rb") as gz:
+            while block := gz.read(1 << 22):
+                total += len(block)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: not a readable NIfTI file: the gzip data is truncated or "
+                         f"corrupt ({_detail(exc)}); re-export or re-download the file") from exc
+    return total
+
+
+def _check_raw_header(path: Path, head: bytes) -> None:
+    """The header's dimension count, voxel offset and voxel sizes, as stored."""
+    header = _raw_header(head)
+    nifti2 = isinstance(header, nib.Nifti2Header)
+    dim = [int(d) for d in header["dim"]]
+    if not 1 <= dim[0] <= 7:
+        raise InputError(f"{path}: the header's dim[0] is {dim[0]}, but a NIfTI image has 1 to 7 "
+                         "dimensions; the header is corrupt: re-export the image")
+    shape = dim[1: dim[0] + 1]
+    if any(d < 1 for d in shape):
+        raise InputError(f"{path}: holds no voxels (shape {tuple(shape)}); the file is empty or "
+                         "its header is wrong")
+    offset = float(header["vox_offset"])
+    minimum = 544 if nifti2 else 352
+    if not math.isfinite(offset) or offset < minimum:
+        raise InputError(f"{path}: the header's vox_offset is {offset:g}, inside the {minimum}-byte "
+                         "header, so the voxels would be read from the header itself; the header "
+                         "is corrupt: re-export the image")
+    pixdim = [float(p) for p in header["pixdim"][1: 1 + min(3, dim[0])]]
+    if any(not math.isfinite(p) or p == 0 for p in pixdim):
+        raise InputError(f"{path}: the header's voxel size (pixdim) is {tuple(pixdim)}, with a zero "
+                         "or non-finite entry; fix the header's pixdim")
+
+
+def _check_data_length(path: Path, img: nib.Nifti1Image) -> None:
+    """The bytes that the header's dims x datatype claim against the file's length (a lying
+    header would otherwise read the wrong bytes, or stop half way)."""
+    header = img.header
+    shape = [int(d) for d in header["dim"][1: int(header["dim"][0]) + 1]]
+    offset = getattr(img.dataobj, "offset", None)  # the loaded header's vox_offset is reset
+    if offset is None:
+        return
+    offset = int(offset)
+    expected = offset + math.prod(shape) * np.dtype(header.get_data_dtype()).itemsize
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        compressed = fh.read(2) == _GZIP_MAGIC
+    actual = _data_length(path, compressed, size, expected)
+    if actual != expected:
+        claim = f"{tuple(shape)} voxels of {header.get_data_dtype()}"
+        how = "truncated, or" if actual < expected else "longer than that:"
+        raise InputError(
+            f"{path}: the header describes {claim} from byte {offset} ({expected:,} bytes in "
+            f"all), but the file holds {actual:,} bytes: it is {how} its dims or datatype are "
+            "wrong; re-export or re-download it"
+        )
+
+
+def _orientation_note(path: Path, header: nib.Nifti1Header) -> str | None:
+    """One line when the header's qform and sform both apply and place the voxels differently
+    (the sform is used, as nibabel and FSL do)."""
+    try:
+        qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+        if qcode <= 0 or scode <= 0:
+            return None
+        q, s = header.get_qform(), header.get_sform()
+    except Exception:  # noqa: BLE001 - an unusable qform is already refused as an affine
+        return None
+    corners = np.array([[0, 0, 0, 1], [*header.get_data_shape()[:3], 1]], dtype=float).T
+    shift = float(np.abs((q - s) @ corners).max())
+    if not math.isfinite(shift) or shift <= 0.01:
+        return None
+    return (f"{path}: the header's qform and sform disagree (by up to {shift:.2g} mm at a corner); "
+            "the sform is used, as nibabel and FSL do: check the orientation of the results")
 
 
 def _probe(path: Path) -> str:
@@ -300,7 +399,8 @@ def _open(path: Path) -> nib.Nifti1Image:
         raise InputError(f"{path}: no such file")
     if kind == "dir":
         raise InputError(f"{path}: is a folder, not a NIfTI file")
-    _sniff(path)
+    head, _, _ = _sniff(path)
+    _check_raw_header(path, head)
     try:
         img = nib.load(str(path))
     except MemoryError as exc:
@@ -471,6 +571,7 @@ def _open_checked(
     _check_dtype(path, img)
     _check_affine(path, img.affine)
     _check_size(str(path), spatial, n, bound)
+    _check_data_length(path, img)
     return img, spatial, n
 
 
@@ -621,8 +722,23 @@ def load_volume(
     seen: dict[str, Path] = {}
     case_name = name
 
+    files: dict[tuple[int, int], Path] = {}
+
     def add(path: Path, names: tuple[str, ...]) -> None:
         nonlocal seg_path
+        try:
+            st = path.stat()
+        except OSError:
+            st = None  # missing or unreadable: refused with its own message when opened
+        if st is not None:
+            other = files.setdefault((st.st_dev, st.st_ino), path)
+            if other != path:
+                raise InputError(
+                    f"{path}: is the same file as {other} (a link or another name for it); one "
+                    f"file cannot be two modalities ({', '.join(names)} and "
+                    f"{', '.join(m for m, p in seen.items() if p == other)}): give each "
+                    "modality its own scan"
+                )
         for m in names:
             if m in seen:
                 also = "" if seen[m] == path else f" (also by {seen[m]})"
@@ -694,7 +810,8 @@ def load_volume(
         seg_img, seg_spatial, _ = _open_checked(seg_path, None, bound)
         _check_same_grid(ref_path, ref_img, ref_spatial, seg_path, seg_img, seg_spatial)
 
-    notes: list[str] = []
+    notes: list[str] = [n for path, img, *_ in opened
+                        if (n := _orientation_note(path, img.header)) is not None]
     data: np.ndarray | None = None
     source_of: dict[str, Path] = {}
     canonical_affine = None
