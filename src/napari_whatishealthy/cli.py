@@ -798,8 +798,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .core.runtime import Terminated, sigterm_as_interrupt, tune_allocator
+    from .core.runtime import Terminated, prefer_passive_omp_wait, sigterm_as_interrupt, tune_allocator
 
+    prefer_passive_omp_wait()  # before torch is imported: see core.runtime
     tune_allocator()
     parser = build_parser()
     try:
