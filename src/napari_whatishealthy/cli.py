@@ -697,9 +697,11 @@ def _run_demo(args: argparse.Namespace) -> int:
     sample = Path(args.sample) if args.sample else sample_case_path()
     if not args.headless:
         return _demo_gui(sample, args)
+    import numpy as np
+
     from .core.cases import case_name_from_files
     from .core.figure import save_figure
-    from .core.pipeline import write_outputs
+    from .core.pipeline import check_outputs, output_paths, write_outputs
     from .core.steps import drain
     from .core.volume import load_volume
 
@@ -709,6 +711,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.resolve() == sample.resolve():
         raise InputError(f"{out}: is the sample folder; choose another --out")
+    protected = [*volume.input_paths, *_files_in(folder)]
+    targets = output_paths(out, volume.name, session.spec.modalities)
+    targets["figure"] = out / f"{volume.name}_figure.png"
+    check_outputs(targets, protected, overwrite=True, voxels=int(np.prod(volume.shape)))
     gen = session.iter_localize(volume.data, settings, guide, inputs=volume.source_paths)
     bar = _Bar(volume.name, not args.no_progress)
     try:
@@ -792,8 +798,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .core.runtime import Terminated, sigterm_as_interrupt, tune_allocator
+    from .core.runtime import Terminated, prefer_passive_omp_wait, sigterm_as_interrupt, tune_allocator
 
+    prefer_passive_omp_wait()  # before torch is imported: see core.runtime
     tune_allocator()
     parser = build_parser()
     try:

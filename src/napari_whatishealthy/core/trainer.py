@@ -110,12 +110,17 @@ class BalancedSampler:
         self.rng.bit_generator.state = state
 
 
-def split_cases(n_cases: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_cases(
+    n_cases: int, val_fraction: float, seed: int, log: Callable[[str], None] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(training, validation) case indices: the same seed and fraction, the same held-out
-    cases for every network."""
+    cases for every network. ``log`` hears when no case is left for validation."""
     order = np.random.default_rng(seed).permutation(n_cases)
     n_val = int(round(n_cases * val_fraction)) if n_cases > 1 else 0
     n_val = min(max(n_val, 1 if n_cases >= 4 and val_fraction > 0 else 0), n_cases - 1)
+    if n_val == 0 and log is not None:
+        log(f"warning: {n_cases} case(s) leave none for validation: no validation loss will be "
+            "measured; give at least 4 cases to hold one out")
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
@@ -266,7 +271,7 @@ class _Run:
         objective.build(self.log)
         self.slices = objective.load_slices(self.dist, self.log, show_progress)
         self.train_cases, self.val_cases = split_cases(len(self.slices.cases),
-                                                       config.val_fraction, config.seed)
+                                                       config.val_fraction, config.seed, self.log)
         self.train_set = self.slices.subset(self.train_cases)
         self.val_set = self.slices.subset(self.val_cases)
         self.log(f"slices: train {self.train_set.counts()} from {len(self.train_cases)} cases, "
