@@ -268,3 +268,16 @@ def test_modality_option_that_contradicts_the_file_name_is_refused(capsys, tiny_
     code = cli.main(["localize", str(flair), "--modality", "t1", "--out", str(tmp_path / "o"),
                      "--model", str(tiny_checkpoint), "--no-progress"])
     assert "its name says flair, but --modality says t1" in _one_line_error(capsys, code)
+
+
+def test_training_without_a_validation_case_says_so():
+    """Defect 10: `train` with one case ran with no validation and no warning."""
+    from napari_whatishealthy.core.trainer import split_cases
+
+    said: list[str] = []
+    train, val = split_cases(1, 0.2, 0, said.append)
+    assert len(train) == 1 and len(val) == 0
+    assert len(said) == 1 and "none for validation" in said[0]
+    said.clear()
+    split_cases(8, 0.2, 0, said.append)
+    assert said == []

@@ -16,7 +16,7 @@ from ._layer_choice import (
     layer_named,
     layer_type_name,
 )
-from ._layers import default_mask_path
+from ._layers import default_mask_path, protected_paths
 from ._lesion_table import lesion_csv_path
 from ._widget_layout import NONE, ORIENTATIONS
 from ._widget_state import (
@@ -357,8 +357,9 @@ class ResultHandlers:
         from napari.utils.notifications import show_info
 
         try:  # the lesion table beside it
-            table = self.lesion_table.write_csv(lesion_csv_path(written))
-        except OSError as exc:
+            table = self.lesion_table.write_csv(lesion_csv_path(written),
+                                                inputs=protected_paths(layer.metadata))
+        except (WhatIsHealthyError, OSError) as exc:
             self._notify_error(f"saved the mask, but not its lesion table: {exc}")
             table = None
         show_info(f"What is Healthy?: saved the mask to {written}"

@@ -39,7 +39,38 @@ CACHE_FILE = "slices.npz"  # the in-RAM cache of earlier versions (still read on
 STORE_DIR = "slice_store"
 CHECKPOINT_DIR = "checkpoint"
 
-__all__ = ["BalancedSampler", "DistInfo", "Objective", "read_log", "run_training"]
+__all__ = ["BalancedSampler", "DistInfo", "Objective", "RunConfig", "read_log", "run_training"]
+
+
+@dataclass
+class RunConfig:
+    """The options of every training run (each network's config adds its own and its
+    defaults)."""
+
+    data: str
+    out: str
+    size: int = 64
+    modalities: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
+    steps: int = 5000
+    batch: int = 32
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup: int = 200
+    val_fraction: float = 0.1  # the same seed and fraction hold out the same cases for every net
+    seed: int = 0
+    amp: str = "auto"  # auto | on | off
+    device: str = "auto"
+    log_every: int = 25
+    val_every: int = 250
+    checkpoint_every: int = 250
+    time_limit_min: float | None = None
+    resume: bool = False
+    timestep_stride: int = 10
+    name: str = "whatishealthy"
+    store: str | None = None  # slice store folder (None: DIR/slice_store)
+    workers: int | None = None  # processes building the store (None: the cores, at most 8)
+    rebuild_store: bool = False
+    in_memory: bool = False  # load the store into RAM on every rank
 
 
 @dataclass
@@ -110,12 +141,17 @@ class BalancedSampler:
         self.rng.bit_generator.state = state
 
 
-def split_cases(n_cases: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_cases(
+    n_cases: int, val_fraction: float, seed: int, log: Callable[[str], None] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(training, validation) case indices: the same seed and fraction, the same held-out
-    cases for every network."""
+    cases for every network. ``log`` hears when no case is left for validation."""
     order = np.random.default_rng(seed).permutation(n_cases)
     n_val = int(round(n_cases * val_fraction)) if n_cases > 1 else 0
     n_val = min(max(n_val, 1 if n_cases >= 4 and val_fraction > 0 else 0), n_cases - 1)
+    if n_val == 0 and log is not None:
+        log(f"warning: {n_cases} case(s) leave none for validation: no validation loss will be "
+            "measured; give at least 4 cases to hold one out")
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
@@ -266,7 +302,7 @@ class _Run:
         objective.build(self.log)
         self.slices = objective.load_slices(self.dist, self.log, show_progress)
         self.train_cases, self.val_cases = split_cases(len(self.slices.cases),
-                                                       config.val_fraction, config.seed)
+                                                       config.val_fraction, config.seed, self.log)
         self.train_set = self.slices.subset(self.train_cases)
         self.val_set = self.slices.subset(self.val_cases)
         self.log(f"slices: train {self.train_set.counts()} from {len(self.train_cases)} cases, "
