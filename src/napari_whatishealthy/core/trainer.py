@@ -39,7 +39,38 @@ CACHE_FILE = "slices.npz"  # the in-RAM cache of earlier versions (still read on
 STORE_DIR = "slice_store"
 CHECKPOINT_DIR = "checkpoint"
 
-__all__ = ["BalancedSampler", "DistInfo", "Objective", "read_log", "run_training"]
+__all__ = ["BalancedSampler", "DistInfo", "Objective", "RunConfig", "read_log", "run_training"]
+
+
+@dataclass
+class RunConfig:
+    """The options of every training run (each network's config adds its own and its
+    defaults)."""
+
+    data: str
+    out: str
+    size: int = 64
+    modalities: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
+    steps: int = 5000
+    batch: int = 32
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup: int = 200
+    val_fraction: float = 0.1  # the same seed and fraction hold out the same cases for every net
+    seed: int = 0
+    amp: str = "auto"  # auto | on | off
+    device: str = "auto"
+    log_every: int = 25
+    val_every: int = 250
+    checkpoint_every: int = 250
+    time_limit_min: float | None = None
+    resume: bool = False
+    timestep_stride: int = 10
+    name: str = "whatishealthy"
+    store: str | None = None  # slice store folder (None: DIR/slice_store)
+    workers: int | None = None  # processes building the store (None: the cores, at most 8)
+    rebuild_store: bool = False
+    in_memory: bool = False  # load the store into RAM on every rank
 
 
 @dataclass

@@ -24,6 +24,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -716,78 +717,10 @@ def load_volume(
         raise InputError("no input given; give a case folder or NIfTI file(s)")
     bound = max_voxels_bound(max_voxels)
     explicit = {str(Path(k)): _parse_names(Path(k), v) for k, v in (modalities or {}).items()}
-
-    images: list[tuple[Path, tuple[str, ...]]] = []
-    seg_path: Path | None = None
-    seen: dict[str, Path] = {}
-    case_name = name
-
-    files: dict[tuple[int, int], Path] = {}
-
-    def add(path: Path, names: tuple[str, ...]) -> None:
-        nonlocal seg_path
-        try:
-            st = path.stat()
-        except OSError:
-            st = None  # missing or unreadable: refused with its own message when opened
-        if st is not None:
-            other = files.setdefault((st.st_dev, st.st_ino), path)
-            if other != path:
-                raise InputError(
-                    f"{path}: is the same file as {other} (a link or another name for it); one "
-                    f"file cannot be two modalities ({', '.join(names)} and "
-                    f"{', '.join(m for m, p in seen.items() if p == other)}): give each "
-                    "modality its own scan"
-                )
-        for m in names:
-            if m in seen:
-                also = "" if seen[m] == path else f" (also by {seen[m]})"
-                raise InputError(
-                    f"{path}: modality {m!r} given twice{also}; give one file per modality"
-                )
-            seen[m] = path
-        if names == ("seg",):
-            seg_path = path
-        else:
-            images.append((path, names))
-
-    for path in paths:
-        if _probe(path) == "dir":
-            found = find_case_files(path)
-            if not any(m in MODALITIES for m in found):
-                raise InputError(
-                    f"{path}: no modality files found; a case folder holds "
-                    "<case>_flair/_t1/_t1ce/_t2.nii.gz (BraTS 2023: -t2f/-t1n/-t1c/-t2w) and "
-                    "optionally <case>_seg.nii.gz"
-                )
-            for m in (*MODALITIES, "seg"):
-                if m in found:
-                    add(found[m], (m,))
-            case_name = case_name or path.name
-            continue
-        named = modality_from_name(path)
-        names = explicit.get(str(path))
-        if names is None:
-            if named is not None:
-                names = (named,)
-            elif len(paths) == 1:
-                names = ("image",)
-            else:
-                raise InputError(
-                    f"{path}: the modality is not in the file name; name it "
-                    "<case>_flair.nii.gz (t1, t1ce, t2) or give it explicitly"
-                )
-        add(path, names)
-        if case_name is None:
-            stem = nifti_stem(path)
-            match = _SUFFIX_RE.search(stem)
-            case_name = stem[: match.start()] if match and named else stem
-    if not images:
-        raise InputError(
-            f"{', '.join(map(str, paths))}: no image files (only a segmentation); give the "
-            "modality files too"
-        )
-    order = [m for m in MODALITIES if m in seen] + [
+    found = _CaseFiles()
+    case_name = found.gather(paths, explicit, name)
+    images, seg_path = found.images, found.seg_path
+    order = [m for m in MODALITIES if m in found.seen] + [
         m for _, names in images for m in names if m not in MODALITIES
     ]
     # The first modality's file is the reference grid and header (FLAIR where there is one).
@@ -812,46 +745,11 @@ def load_volume(
 
     notes: list[str] = [n for path, img, *_ in opened
                         if (n := _orientation_note(path, img.header)) is not None]
-    data: np.ndarray | None = None
-    source_of: dict[str, Path] = {}
-    canonical_affine = None
-    for path, img, spatial, names in opened:
-        block, affine = _read(path, img, spatial, len(names), nonfinite, notes)
-        if data is None:  # canonical shape: the stored one, axes permuted
-            data = np.empty((len(order), *block.shape[1:]), dtype=np.float32)
-            canonical_affine = affine
-        for i, m in enumerate(names):
-            data[order.index(m)] = block[i]
-            source_of[m] = path
-        del block
-    assert data is not None and canonical_affine is not None
-
-    nonzero = [bool(np.any(data[c])) for c in range(len(order))]
-    if not any(nonzero):
-        files = ", ".join(str(p) for p, _ in images)
-        note = (f"{files}: every voxel is zero, so there is no brain to analyse (brain = non-zero "
-                "voxels); the mask will be empty")
-        notes.append(note)
-        warnings.warn(note, UserWarning, stacklevel=2)
-    elif not all(nonzero):
-        empty = order[nonzero.index(False)]
-        full = [m for m, z in zip(order, nonzero, strict=True) if z]
-        raise InputError(
-            f"{source_of[empty]}: modality {empty} is zero everywhere while {', '.join(full)} "
-            f"hold(s) an image; check that the right file was given for {empty}"
-        )
-
+    data, source_of, canonical_affine = _read_channels(opened, order, nonfinite, notes)
+    _check_nonzero(data, order, source_of, [p for p, _ in images], notes)
     segmentation = None
     if seg_path is not None and seg_img is not None:
-        seg, _ = _read(seg_path, seg_img, ref_spatial, 1, nonfinite, notes)
-        seg = np.rint(seg[0])
-        info = np.iinfo(np.int16)
-        if seg.size and (seg.min() < info.min or seg.max() > info.max):
-            raise InputError(
-                f"{seg_path}: segmentation labels {seg.min():g}..{seg.max():g} do not fit int16; "
-                "a segmentation holds small integer labels (BraTS: 0, 1, 2, 3/4)"
-            )
-        segmentation = seg.astype(np.int16)
+        segmentation = _read_segmentation(seg_path, seg_img, ref_spatial, nonfinite, notes)
 
     extra: dict = {"warnings": notes}
     if seg_path is not None:
@@ -867,6 +765,133 @@ def load_volume(
         segmentation=segmentation,
         extra=extra,
     )
+
+
+class _CaseFiles:
+    """The image files of one case and their modalities, each file and modality once."""
+
+    def __init__(self) -> None:
+        self.images: list[tuple[Path, tuple[str, ...]]] = []
+        self.seg_path: Path | None = None
+        self.seen: dict[str, Path] = {}
+        self._files: dict[tuple[int, int], Path] = {}
+
+    def gather(self, paths: list[Path], explicit: dict[str, tuple[str, ...]],
+               name: str | None) -> str | None:
+        """Add every input (case folders and files); returns the case's name."""
+        case_name = name
+        for path in paths:
+            if _probe(path) == "dir":
+                found = find_case_files(path)
+                if not any(m in MODALITIES for m in found):
+                    raise InputError(
+                        f"{path}: no modality files found; a case folder holds "
+                        "<case>_flair/_t1/_t1ce/_t2.nii.gz (BraTS 2023: -t2f/-t1n/-t1c/-t2w) "
+                        "and optionally <case>_seg.nii.gz"
+                    )
+                for m in (*MODALITIES, "seg"):
+                    if m in found:
+                        self.add(found[m], (m,))
+                case_name = case_name or path.name
+                continue
+            named = modality_from_name(path)
+            names = explicit.get(str(path))
+            if names is None:
+                if named is not None:
+                    names = (named,)
+                elif len(paths) == 1:
+                    names = ("image",)
+                else:
+                    raise InputError(
+                        f"{path}: the modality is not in the file name; name it "
+                        "<case>_flair.nii.gz (t1, t1ce, t2) or give it explicitly"
+                    )
+            self.add(path, names)
+            if case_name is None:
+                case_name = case_stem(path) if named else nifti_stem(path)
+        if not self.images:
+            raise InputError(
+                f"{', '.join(map(str, paths))}: no image files (only a segmentation); give the "
+                "modality files too"
+            )
+        return case_name
+
+    def add(self, path: Path, names: tuple[str, ...]) -> None:
+        try:
+            st = path.stat()
+        except OSError:
+            st = None  # missing or unreadable: refused with its own message when opened
+        if st is not None:
+            other = self._files.setdefault((st.st_dev, st.st_ino), path)
+            if other != path:
+                raise InputError(
+                    f"{path}: is the same file as {other} (a link or another name for it); one "
+                    f"file cannot be two modalities ({', '.join(names)} and "
+                    f"{', '.join(m for m, p in self.seen.items() if p == other)}): give each "
+                    "modality its own scan"
+                )
+        for m in names:
+            if m in self.seen:
+                also = "" if self.seen[m] == path else f" (also by {self.seen[m]})"
+                raise InputError(
+                    f"{path}: modality {m!r} given twice{also}; give one file per modality"
+                )
+            self.seen[m] = path
+        if names == ("seg",):
+            self.seg_path = path
+        else:
+            self.images.append((path, names))
+
+
+def _read_channels(opened: list, order: list[str], nonfinite: str, notes: list[str]
+                   ) -> tuple[np.ndarray, dict[str, Path], np.ndarray]:
+    """The canonical ``[C, X, Y, Z]`` array in ``order``, each modality's file, the affine."""
+    data: np.ndarray | None = None
+    source_of: dict[str, Path] = {}
+    canonical_affine = None
+    for path, img, spatial, names in opened:
+        block, affine = _read(path, img, spatial, len(names), nonfinite, notes)
+        if data is None:  # canonical shape: the stored one, axes permuted
+            data = np.empty((len(order), *block.shape[1:]), dtype=np.float32)
+            canonical_affine = affine
+        for i, m in enumerate(names):
+            data[order.index(m)] = block[i]
+            source_of[m] = path
+        del block
+    assert data is not None and canonical_affine is not None
+    return data, source_of, canonical_affine
+
+
+def _check_nonzero(data: np.ndarray, order: list[str], source_of: dict[str, Path],
+                   files: list[Path], notes: list[str]) -> None:
+    """An all-zero case is a warning; one all-zero modality beside others is an error."""
+    nonzero = [bool(np.any(data[c])) for c in range(len(order))]
+    if not any(nonzero):
+        listed = ", ".join(str(p) for p in files)
+        note = (f"{listed}: every voxel is zero, so there is no brain to analyse (brain = "
+                "non-zero voxels); the mask will be empty")
+        notes.append(note)
+        warnings.warn(note, UserWarning, stacklevel=3)
+    elif not all(nonzero):
+        empty = order[nonzero.index(False)]
+        full = [m for m, z in zip(order, nonzero, strict=True) if z]
+        raise InputError(
+            f"{source_of[empty]}: modality {empty} is zero everywhere while {', '.join(full)} "
+            f"hold(s) an image; check that the right file was given for {empty}"
+        )
+
+
+def _read_segmentation(seg_path: Path, seg_img: Any, ref_spatial: Any, nonfinite: str,
+                       notes: list[str]) -> np.ndarray:
+    seg, _ = _read(seg_path, seg_img, ref_spatial, 1, nonfinite, notes)
+    seg = np.rint(seg[0])
+    info = np.iinfo(np.int16)
+    if seg.size and (seg.min() < info.min or seg.max() > info.max):
+        raise InputError(
+            f"{seg_path}: segmentation labels {seg.min():g}..{seg.max():g} do not fit int16; "
+            "a segmentation holds small integer labels (BraTS: 0, 1, 2, 3/4)"
+        )
+    return seg.astype(np.int16)
 
 
 def _check_same_grid(
