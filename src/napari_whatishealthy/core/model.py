@@ -93,6 +93,9 @@ class InferenceDefaults:
     min_component_voxels: int = 20
     # Fixed-point iterations per DDIM inversion step (0 = plain DDIM, the paper's method).
     inversion_refinements: int = 0
+    # Dynamic normalisation of the predicted x0 during inversion too (the reference code's
+    # choice); False: only while decoding, so that inversion is the inverse of plain decoding.
+    inversion_normalisation: bool = False
 
 
 @dataclass
