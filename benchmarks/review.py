@@ -90,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20, help="threshold moves to time")
     args = parser.parse_args(argv)
 
+    import os
+    import tempfile
+
+    # napari's settings (and this plugin's saved defaults) in a temporary folder: a benchmark
+    # never changes the user's.
+    os.environ["NAPARI_CONFIG"] = str(Path(tempfile.mkdtemp()) / "settings.yaml")
     import napari
     from qtpy.QtWidgets import QApplication
 

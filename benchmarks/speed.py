@@ -264,6 +264,11 @@ def _spawn(args: argparse.Namespace, role: str, extra: list[str]) -> dict:
         cmd += ["--threads", str(args.threads)]
     env = dict(os.environ)
     env.pop("GLIBC_TUNABLES", None)
+    # Every row runs with the CLI's OpenMP wait policy (a property of the machine's sharing,
+    # not of the method): the references are not slowed by spinning threads on shared cores.
+    from napari_whatishealthy.core.runtime import prefer_passive_omp_wait
+
+    prefer_passive_omp_wait(env)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
@@ -334,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         ("pipeline", ours["preview_s"], ours["volume_s"], ours["slices"], ours["peak_rss_gb"]),
     ]
     print(f"model: {ours['model']}")
-    print(f"volume: {ours['shape']}  torch {torch.__version__}  threads {torch.get_num_threads()}")
+    print(f"volume: {ours['shape']}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')} (every row)")
     print(f"cpu: {cpu_info().describe()}")
     print(f"pipeline on this cpu: {ours['choices']}")
     print()

@@ -14,6 +14,7 @@ model the script falls back to a tiny random model, prints a warning and stamps 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     from napari_whatishealthy.core.registry import bundled_models
 
     workdir = Path(tempfile.mkdtemp(prefix="wih-screenshots-"))
+    # napari's settings (and this plugin's saved defaults) fresh and temporary: the screenshots
+    # show the defaults, and the user's settings are never changed.
+    os.environ["NAPARI_CONFIG"] = str(workdir / "napari" / "settings.yaml")
     note = None
     model = args.model
     if model is None:

@@ -3,11 +3,15 @@ model files and lying headers are refused with one line, before any computing.""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from conftest import make_checkpoint
@@ -190,3 +194,90 @@ def test_a_volume_larger_than_the_memory_is_refused_with_the_estimate(capsys, ti
                      str(tiny_checkpoint), "--no-progress"])
     line = _one_line_error(capsys, code)
     assert "needs about" in line and "GiB are available" in line
+
+
+# ------------------------------------------------------------------------------------------------
+# Defect 8: lying headers
+
+
+def _lying(path: Path, change) -> Path:
+    """A valid NIfTI (int16, qform = sform), then its stored header edited by ``change``."""
+    data = (np.arange(6 * 7 * 5).reshape(6, 7, 5) % 50 + 1).astype(np.int16)
+    img = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    img.header.set_qform(img.affine, 1)
+    img.header.set_sform(img.affine, 1)
+    nib.save(img, str(path))
+    raw = bytearray(path.read_bytes())
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw[:348])), check=False)
+    change(header)
+    raw[:348] = header.binaryblock
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _shifted_qform(header):
+    header.set_qform(np.array([[2, 0, 0, 10], [0, 2, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1.0]]), 1)
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda h: h.__setitem__("vox_offset", 0), "vox_offset is 0, inside the 352-byte header"),
+    (lambda h: h.set_data_dtype(np.float32), "file holds 772 bytes: it is truncated, or its dims"),
+    (lambda h: h["dim"].__setitem__(3, 3), "it is longer than that: its dims or datatype"),
+    (lambda h: h["pixdim"].__setitem__(2, 0), "voxel size \\(pixdim\\) is \\(2.0, 0.0, 2.0\\)"),
+    (lambda h: h["dim"].__setitem__(0, 9), "dim\\[0\\] is 9, but a NIfTI image has 1 to 7"),
+])
+def test_lying_headers_are_refused(tmp_path, change, match):
+    path = _lying(tmp_path / "case_flair.nii", change)
+    with pytest.raises(WhatIsHealthyError, match=match):
+        load_volume(path)
+
+
+def test_qform_sform_disagreement_is_one_warning_line(capsys, tmp_path):
+    from conftest import tiny_spec
+
+    flair_model = make_checkpoint(tmp_path / "flair-model", spec=tiny_spec(modalities=("flair",)))
+    (tmp_path / "in").mkdir()
+    path = _lying(tmp_path / "in" / "case_flair.nii", _shifted_qform)
+    volume = load_volume(path)
+    assert len(volume.warnings) == 1 and "qform and sform disagree" in volume.warnings[0]
+    code = cli.main(["localize", str(path), "--out", str(tmp_path / "o"), "--model",
+                     str(flair_model), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "qform" in line]
+    assert len(lines) == 1 and lines[0].startswith("case: warning: ")
+    assert "UserWarning" not in err
+
+
+def test_one_file_cannot_be_two_modalities(tmp_path):
+    case = tmp_path / "case"
+    case.mkdir()
+    flair = _lying(case / "case_flair.nii", lambda h: None)
+    (case / "case_t1.nii").symlink_to(flair)
+    with pytest.raises(WhatIsHealthyError, match="is the same file as .*one file cannot be two"):
+        load_volume(case)
+    (case / "case_t1.nii").unlink()
+    os.link(flair, case / "case_t1.nii")  # a hard link: the same scan under two names
+    with pytest.raises(WhatIsHealthyError, match="same file"):
+        load_volume([flair, case / "case_t1.nii"])
+
+
+def test_modality_option_that_contradicts_the_file_name_is_refused(capsys, tiny_checkpoint,
+                                                                  case_dirs, tmp_path):
+    flair = next(case_dirs[0].glob("*_flair.nii.gz"))
+    code = cli.main(["localize", str(flair), "--modality", "t1", "--out", str(tmp_path / "o"),
+                     "--model", str(tiny_checkpoint), "--no-progress"])
+    assert "its name says flair, but --modality says t1" in _one_line_error(capsys, code)
+
+
+def test_training_without_a_validation_case_says_so():
+    """Defect 10: `train` with one case ran with no validation and no warning."""
+    from napari_whatishealthy.core.trainer import split_cases
+
+    said: list[str] = []
+    train, val = split_cases(1, 0.2, 0, said.append)
+    assert len(train) == 1 and len(val) == 0
+    assert len(said) == 1 and "none for validation" in said[0]
+    said.clear()
+    split_cases(8, 0.2, 0, said.append)
+    assert said == []

@@ -316,13 +316,20 @@ def test_radiological_view_and_the_mask_over_the_scan(make_napari_viewer, qtbot,
 
 
 def test_model_and_device_are_saved_and_restored(make_napari_viewer, lesion_case, tiny_checkpoint,
-                                                 plugin_settings_in_tmp):
+                                                 plugin_settings_in_tmp, monkeypatch):
     from napari.settings import get_plugin_settings
+    from qtpy.QtWidgets import QFileDialog
 
     viewer, widget = docked(make_napari_viewer, lesion_case, tiny_checkpoint)
-    widget.device_combo.setCurrentText("cpu")
     saved = get_plugin_settings(PLUGIN)
+    assert saved.run.model == "auto"  # set by code (a script, this test): not a user's choice
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory",
+                        staticmethod(lambda *args, **kwargs: str(tiny_checkpoint)))
+    widget.browse_button.click()  # the user chooses the checkpoint with Browse
+    widget.device_combo.setCurrentText("cpu")
+    widget.device_combo.activated.emit(widget.device_combo.currentIndex())  # ... and the CPU
     assert saved.run.model == str(tiny_checkpoint) and saved.run.device == "cpu"
+    assert saved.folders.checkpoint == str(tiny_checkpoint.parent)
     assert "device: cpu" in plugin_settings_in_tmp.read_text()  # written by napari
     # A new widget (a new session) starts from them.
     from napari_whatishealthy._widget import LocalizeWidget
@@ -332,7 +339,8 @@ def test_model_and_device_are_saved_and_restored(make_napari_viewer, lesion_case
     assert again.model_combo.currentData() == str(tiny_checkpoint)
     assert again.device_combo.currentText() == "cpu"
     # A bundled model is saved by name; a folder that is gone falls back to Automatic.
-    again.set_model(again.model_combo.itemData(1))  # the first bundled model
+    again.model_combo.setCurrentIndex(1)  # the user picks the first bundled model
+    again.model_combo.activated.emit(1)
     assert saved.run.model in ("default", "flair")
     saved.run.model = str(tiny_checkpoint / "missing")
     assert LocalizeWidget(widget.viewer).is_auto_model
@@ -392,3 +400,98 @@ def test_cohort_review_runs_steps_and_autosaves(make_napari_viewer, qtbot, cases
     # The output folder opens as the same cohort, from its provenance files.
     assert panel.open_folder(first.outputs["mask"].parent)
     assert len(panel.cohort.cases) == n and panel.cohort.cases[0].status() == "edited"
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Progress; 7. small things
+
+
+def test_progress_reads_in_percent_and_resets_after_a_cancel(make_napari_viewer, qtbot,
+                                                            lesion_case, tiny_checkpoint):
+    viewer, widget = docked(make_napari_viewer, lesion_case, tiny_checkpoint)
+    assert widget.progress.text() == "" and widget.progress.format() == ""  # nothing before a run
+    assert widget.result_box.isHidden()  # no threshold to show before a result
+    seen = []
+    widget.steps.setValue(6)
+    widget.run()
+    widget._worker.yielded.connect(lambda _item: seen.append(
+        (widget.progress.text(), widget.status.text())))
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT_MS)
+    texts = [text for text, _ in seen if text]
+    assert texts and all(t.endswith("%") for t in texts)
+    assert texts[-1] == "100%"
+    assert any("left" in status for _, status in seen[2:])  # a time estimate once paced
+    assert widget.progress.format() == "done" and not widget.result_box.isHidden()
+
+    widget.steps.setValue(12)
+    widget.run()
+    widget._worker.yielded.connect(lambda item: hasattr(item, "step") and widget.cancel())
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT_MS)
+    assert "Cancelled" in widget.status.text()
+    assert widget.progress.value() == 0 and widget.progress.text() == ""  # not "4 / 60"
+
+
+def test_stale_note_goes_when_a_setting_is_put_back(make_napari_viewer, qtbot, lesion_case,
+                                                    tiny_checkpoint):
+    viewer, widget = docked(make_napari_viewer, lesion_case, tiny_checkpoint)
+    run_to_end(qtbot, widget)
+    guidance = widget.guidance.value()
+    widget.guidance.setValue(guidance + 1.0)
+    assert not widget.stale_label.isHidden()
+    widget.guidance.setValue(guidance)
+    assert widget.stale_label.isHidden()
+
+
+def test_save_is_disabled_once_the_mask_layer_is_deleted(make_napari_viewer, qtbot, lesion_case,
+                                                         tiny_checkpoint):
+    viewer, widget = docked(make_napari_viewer, lesion_case, tiny_checkpoint)
+    run_to_end(qtbot, widget)
+    assert widget.save_button.isEnabled()
+    viewer.layers.remove("flair mask")
+    assert not widget.save_button.isEnabled()
+
+
+def test_undo_takes_a_painted_voxel_off_the_count(make_napari_viewer, qtbot, lesion_case,
+                                                  tiny_checkpoint):
+    viewer, widget = docked(make_napari_viewer, lesion_case, tiny_checkpoint)
+    run_to_end(qtbot, widget)
+    mask = layer(viewer, "flair mask")
+    z = mask.data.shape[0] // 2
+    value = 0 if mask.data[z, 3, 3] else 1
+    mask.paint((z, 3, 3), value, refresh=True)
+    qtbot.waitUntil(lambda: widget._session.n_edits > 0, timeout=5000)
+    assert "painted voxel" in widget.edits_label.text()
+    mask.undo()
+    qtbot.waitUntil(lambda: widget._session.n_edits == 0, timeout=5000)
+    assert widget.edits_label.text() == "No painted edits"
+
+
+def test_a_preview_of_a_slice_without_brain_adds_nothing(make_napari_viewer, qtbot, lesion_case,
+                                                         tiny_checkpoint):
+    from napari_whatishealthy._widget import SCOPE_SLICE
+
+    viewer, widget = docked(make_napari_viewer, lesion_case, tiny_checkpoint)
+    flair = layer(viewer, "flair")
+    for name in ("flair", "t1", "t1ce", "t2"):  # the first slice: no brain in any input
+        layer(viewer, name).data[0] = 0
+    viewer.dims.set_point(0, flair.data_to_world((0, 0, 0))[0])
+    widget.scope_combo.setCurrentText(SCOPE_SLICE)
+    names = [lay.name for lay in viewer.layers]
+    run_to_end(qtbot, widget)
+    assert [lay.name for lay in viewer.layers] == names
+    assert "no brain" in widget.status.text().lower()
+
+
+def test_classifier_rows_are_shown_on_demand(make_napari_viewer, lesion_case, tiny_checkpoint):
+    viewer, widget = docked(make_napari_viewer, lesion_case, tiny_checkpoint)
+    assert widget.classifier_edit.isHidden() and widget.classifier_scale.isHidden()
+    widget.classifier_toggle.setChecked(True)
+    assert not widget.classifier_edit.isHidden()
+
+
+def test_help_link_opens_the_user_guide(make_napari_viewer, lesion_case, tiny_checkpoint):
+    viewer, widget = docked(make_napari_viewer, lesion_case, tiny_checkpoint)
+    link = widget.help_label.text()
+    target = link.split('href="')[1].split('"')[0]
+    assert target.startswith("file://") and target.endswith("docs/user-guide.md")
+    assert Path(target[len("file://"):]).is_file() and widget.help_label.openExternalLinks()

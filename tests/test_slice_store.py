@@ -46,6 +46,8 @@ def test_store_holds_the_in_ram_slices_and_reads_rows_of_a_subset(synthetic_case
     np.testing.assert_array_equal(sub.read(index), ref_sub.slices[index])
     np.testing.assert_array_equal(sub.labels, ref_sub.labels)
     assert not (tmp_path / "store" / PARTS_DIR).exists()
+    on_disk = np.load(tmp_path / "store" / "slices.npy", mmap_mode="r")  # a plain .npy file
+    np.testing.assert_array_equal(on_disk, ref.slices)
     with pytest.raises(IndexError):
         sub.read([len(sub)])
 
@@ -99,7 +101,7 @@ def test_half_built_store_resumes_from_its_finished_cases(synthetic_cases, tmp_p
     (folder / PARTS_DIR).mkdir(parents=True)
     done = [(i, c, folder / PARTS_DIR / f"{c.name}-{_stat_key(c, _case_files(c, MODALITIES), prep)}.npz")
             for i, c in enumerate(cases[:2])]
-    _prepare_parts(done, prep, 1, False)  # an interrupted build: two cases done, no index
+    list(_prepare_parts(done, prep, 1, False))  # an interrupted build: two cases done, no index
     assert not (folder / INDEX_FILE).exists()
     store, log = _open(folder, cases)
     assert "2 of 4 cases already prepared, 2 to prepare" in log
@@ -122,3 +124,24 @@ def test_case_without_segmentation_stops_the_build_with_its_name(cases_copy, tmp
     shutil.move(seg, tmp_path / seg.name)
     with pytest.raises(Exception, match=f"{cases[1].name}.*no segmentation"):
         _open(tmp_path / "store", cases, workers=2)
+
+
+def test_cli_prepare_then_train_reuses_the_store(synthetic_cases, tmp_path, capsys):
+    from napari_whatishealthy.cli import main
+
+    store = tmp_path / "store"
+    rc = main(["prepare", str(synthetic_cases), "--store", str(store), "--size", "16",
+               "--workers", "1", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "slices of 4 cases" in out and f"--store {store}" in out
+    built = (store / INDEX_FILE).stat().st_mtime_ns
+    rc = main(["train", str(synthetic_cases), "--out", str(tmp_path / "run"), "--store",
+               str(store), "--size", "16", "--steps", "1", "--batch", "2", "--channels", "8,16",
+               "--attention", "0,1", "--amp", "off", "--device", "cpu", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "building" not in out
+    assert (store / INDEX_FILE).stat().st_mtime_ns == built
+    assert not (tmp_path / "run" / "slice_store").exists()
+    rc = main(["prepare", str(synthetic_cases), "--store", str(store), "--size", "32"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "image_size: store 16, this run 32" in err and "--rebuild-store" in err

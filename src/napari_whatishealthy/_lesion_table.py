@@ -9,6 +9,7 @@ lesion; napari's features table, which other plugins read) and can be written as
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,10 +182,11 @@ class LesionTable(QWidget):
         self.table.selectRow(self.lesions.index(lesion))
         self.lesion_activated.emit(lesion)
 
-    def write_csv(self, path: str | Path) -> Path:
-        """The table as CSV (recomputed from the layer's current data first)."""
+    def write_csv(self, path: str | Path, inputs: Sequence[str | Path] = ()) -> Path:
+        """The table as CSV (recomputed from the layer's current data first), never over one of
+        ``inputs``."""
         self.recompute()
-        return write_lesion_csv(self.lesions, path, axis_names=AXES)
+        return write_lesion_csv(self.lesions, path, axis_names=AXES, inputs=inputs)
 
 
 def _number(value: float) -> str:

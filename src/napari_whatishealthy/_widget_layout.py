@@ -3,6 +3,7 @@ are in ``_widget_model``, ``_widget_run`` and ``_widget_result``."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from qtpy.QtCore import Qt
@@ -46,15 +47,15 @@ TIPS = {
     "model": "The diffusion model. Automatic picks the bundled model that the open images "
     "fit (four BraTS modalities: the four-channel model; a lone FLAIR: the FLAIR model); or "
     "choose a bundled one, or a checkpoint folder (spec.json + model.safetensors, as "
-    "`whatishealthy train` writes) with Browse.",
+    "'whatishealthy train' writes) with Browse.",
     "modality": "The modality of the open image, whose name does not say it: the automatic "
     "model choice needs it and never guesses.",
     "guidance": "Classifier-free guidance scale w: how strongly decoding is pushed toward "
     "'healthy'. Higher removes more of a lesion but may also change healthy tissue; "
     "0 decodes without the label (a plain reconstruction). Not used while a classifier is "
     "chosen (classifier guidance replaces it).",
-    "classifier": "Optional: a noisy-image classifier checkpoint folder (what `whatishealthy "
-    "train-classifier --out DIR` writes: DIR or DIR/checkpoint) for classifier guidance "
+    "classifier": "Optional: a noisy-image classifier checkpoint folder (what 'whatishealthy "
+    "train-classifier --out DIR' writes: DIR or DIR/checkpoint) for classifier guidance "
     "(Diff-SCM / Wolleb et al.): decoding follows the classifier's gradient toward 'healthy' "
     "instead of classifier-free guidance, and Guidance is not used. Empty (the default): "
     "classifier-free guidance, the paper's method.",
@@ -106,6 +107,9 @@ def build_layout(w: Any) -> None:
     _settings_box(w, root)
     _run_controls(w, root)
     _mask_box(w, root)
+    # Only vertical scrolling: the dock must not squeeze the controls narrower than they fit.
+    bar = w.scroll_area.verticalScrollBar().sizeHint().width()
+    w.scroll_area.setMinimumWidth(content.minimumSizeHint().width() + bar)
 
 
 def _model_box(w: Any, root: QVBoxLayout) -> None:
@@ -154,6 +158,11 @@ def _settings_box(w: Any, root: QVBoxLayout) -> None:
     w.guidance.setDecimals(2)
     w.guidance.setToolTip(TIPS["guidance"])
     form.addRow("Guidance", w.guidance)
+    w.classifier_toggle = QCheckBox("Classifier guidance (a trained classifier)")
+    w.classifier_toggle.setToolTip(TIPS["classifier"])
+    w.classifier_toggle.toggled.connect(w._show_classifier_rows)
+    form.addRow(w.classifier_toggle)
+    w._guidance_form = form
     row = QHBoxLayout()
     w.classifier_edit = QLineEdit()
     w.classifier_edit.setPlaceholderText("none: classifier-free guidance")
@@ -167,6 +176,7 @@ def _settings_box(w: Any, root: QVBoxLayout) -> None:
     row.addWidget(w.classifier_edit)
     row.addWidget(w.classifier_browse_button)
     form.addRow("Classifier", row)
+    w._classifier_row = row
     w.classifier_scale = QDoubleSpinBox()
     w.classifier_scale.setRange(0.0, 1000.0)
     w.classifier_scale.setSingleStep(1.0)
@@ -206,6 +216,7 @@ def _settings_box(w: Any, root: QVBoxLayout) -> None:
     form.addRow(w.defaults_button)
     for spin in (w.guidance, w.classifier_scale, w.noise_level, w.steps):
         spin.valueChanged.connect(w._mark_stale)
+    w._show_classifier_rows(False)
     root.addWidget(box)
 
 
@@ -226,7 +237,7 @@ def _run_controls(w: Any, root: QVBoxLayout) -> None:
     w.progress = QProgressBar()
     w.progress.setRange(0, 1)
     w.progress.setValue(0)
-    w.progress.setFormat("step %v / %m")
+    w.progress.setFormat("")  # empty until a run reports its first step
     root.addWidget(w.progress)
     w.status = QLabel("Ready")
     w.status.setWordWrap(True)
@@ -282,6 +293,7 @@ def _mask_box(w: Any, root: QVBoxLayout) -> None:
     w.save_button.clicked.connect(lambda: w.save_mask())
     form.addRow(w.save_button)
     w.result_box.setEnabled(False)
+    w.result_box.setVisible(False)  # shown with the first result (no threshold of 0 before)
     root.addWidget(w.result_box)
 
     row = QHBoxLayout()
@@ -294,6 +306,18 @@ def _mask_box(w: Any, root: QVBoxLayout) -> None:
     )
     w.orientation_combo.currentTextChanged.connect(w.set_orientation)
     row.addWidget(w.orientation_combo)
+    guide = user_guide()
+    if guide is not None:  # a source checkout; an installed wheel has no docs folder
+        w.help_label = QLabel(f'<a href="{guide.as_uri()}">Help</a>')
+        w.help_label.setToolTip(f"The user guide: {guide}")
+        w.help_label.setOpenExternalLinks(True)
+        row.addWidget(w.help_label)
     root.insertLayout(0, row)  # first: it is how every slice is read
     root.addStretch(1)
+
+
+def user_guide() -> Path | None:
+    """docs/user-guide.md of the source tree this package runs from, if there is one."""
+    guide = Path(__file__).resolve().parents[2] / "docs" / "user-guide.md"
+    return guide if guide.is_file() else None
 

@@ -55,6 +55,7 @@ class ModelChoice:
         if folder:
             self._remember_folder("checkpoint", Path(folder).parent)
             self.set_model(folder)
+            self._remember_model()
 
     def set_model(self, path: str | Path) -> None:
         """Select a checkpoint folder (added to the list if new), a bundled model's folder, or
@@ -81,7 +82,6 @@ class ModelChoice:
             self._set_modality_question(None)
             self._use_model(ref, None)
         self._update_run_enabled()
-        self._remember_model()
 
     def _use_model(self, ref: str | None, reason: str | None) -> None:
         """Load the spec of checkpoint ``ref`` (None: no model) and rebuild what depends on it."""
@@ -208,6 +208,8 @@ class ModelChoice:
         classifier-free guidance). Returns whether it is usable; if not, says why in a
         notification and runs are refused until it is fixed or cleared."""
         text = "" if path is None else str(path)
+        if text:
+            self.classifier_toggle.setChecked(True)
         self.classifier_edit.blockSignals(True)
         self.classifier_edit.setText(text)
         self.classifier_edit.blockSignals(False)
@@ -304,6 +306,15 @@ class ModelChoice:
             and not is_result_layer(layer.metadata)
         ]
 
+    def _show_classifier_rows(self, shown: bool) -> None:
+        """Classifier guidance's rows, shown on demand (most runs use classifier-free
+        guidance); unticking clears the classifier."""
+        for field in (self._classifier_row, self.classifier_scale):
+            self._guidance_form.setRowVisible(field, shown)
+        self.classifier_info.setVisible(shown and bool(self.classifier_info.text()))
+        if not shown and self.classifier_edit.text():
+            self.set_classifier(None)
+
     def _on_layers_changed(self, event: Any = None) -> None:
         try:
             if event is not None and getattr(event, "type", "") == "inserted":
@@ -311,6 +322,7 @@ class ModelChoice:
             if self.is_auto_model:  # the open images decide the model: it may change
                 self._choose_auto_model()
             self._refresh_layer_choices()
+            self.save_button.setEnabled(self.mask_layer() is not None)
         except RuntimeError:  # the widget was deleted while the viewer lives on
             pass
 

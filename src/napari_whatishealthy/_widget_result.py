@@ -16,7 +16,7 @@ from ._layer_choice import (
     layer_named,
     layer_type_name,
 )
-from ._layers import default_mask_path
+from ._layers import default_mask_path, protected_paths
 from ._lesion_table import lesion_csv_path
 from ._widget_layout import NONE, ORIENTATIONS
 from ._widget_state import (
@@ -93,8 +93,11 @@ class ResultHandlers:
         self.histogram.set_current(params.threshold)
         self.lesion_table.bind(layer, session.difference(), uncertainty)
         self._stale = False
+        self._result_snapshot = self._run_snapshot()
         self.stale_label.setVisible(False)
         self.result_box.setEnabled(True)
+        self.result_box.setVisible(True)
+        self.save_button.setEnabled(True)
         self._update_edits_label()
         self._update_metrics()
         if kept:
@@ -170,12 +173,15 @@ class ResultHandlers:
         if self._mask_layer is layer:
             return
         if self._mask_layer is not None:
-            try:
-                self._mask_layer.events.paint.disconnect(self._on_mask_painted)
-            except (RuntimeError, TypeError, ValueError):
-                pass
+            for emitter in (self._mask_layer.events.paint, self._mask_layer.events.set_data):
+                try:
+                    emitter.disconnect(self._on_mask_painted)
+                except (RuntimeError, TypeError, ValueError):
+                    pass
         self._mask_layer = layer
         layer.events.paint.connect(self._on_mask_painted)
+        # Undo and redo (Ctrl+Z) change the data without a paint event; they refresh the layer.
+        layer.events.set_data.connect(self._on_mask_painted)
 
     def mask_layer(self) -> Any:
         """The current mask layer (None if there is none or the user removed it)."""
@@ -298,10 +304,20 @@ class ResultHandlers:
         result = self._session.result
         return 0 < len(result.processed_slices) <= 1 and result.provenance.get("z_slices")
 
+    def _run_snapshot(self) -> tuple[Any, ...]:
+        """What a run depends on, as the controls say now (to tell whether a result is stale)."""
+        classifier = self._classifier_ref
+        return (self._model_ref, classifier, round(float(self.guidance.value()), 6),
+                round(float(self.classifier_scale.value()), 6) if classifier else None,
+                round(float(self.noise_level.value()), 6), int(self.steps.value()),
+                tuple(combo.currentText() for combo in self._modality_combos.values()))
+
     def _mark_stale(self, *_: Any) -> None:
+        """Say that the result is out of date while a setting differs from its run's (and stop
+        saying so when the setting is put back)."""
         if self._session is not None:
-            self._stale = True
-            self.stale_label.setVisible(True)
+            self._stale = self._run_snapshot() != getattr(self, "_result_snapshot", None)
+            self.stale_label.setVisible(self._stale)
 
     def set_orientation(self, name: str) -> None:
         """Orient the 2D view (a choice of ORIENTATIONS); the data are not flipped."""
@@ -341,8 +357,9 @@ class ResultHandlers:
         from napari.utils.notifications import show_info
 
         try:  # the lesion table beside it
-            table = self.lesion_table.write_csv(lesion_csv_path(written))
-        except OSError as exc:
+            table = self.lesion_table.write_csv(lesion_csv_path(written),
+                                                inputs=protected_paths(layer.metadata))
+        except (WhatIsHealthyError, OSError) as exc:
             self._notify_error(f"saved the mask, but not its lesion table: {exc}")
             table = None
         show_info(f"What is Healthy?: saved the mask to {written}"

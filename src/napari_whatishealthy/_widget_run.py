@@ -164,6 +164,8 @@ class RunHandlers:
         self.run_count += 1
         self._started = time.monotonic()
         self.progress.setRange(0, 0)  # busy until the first step
+        self._first_step = None
+        self._phase_text = "Starting…"
         self.status.setText("Starting…")
         self._update_run_enabled()
         self._timer.start()
@@ -221,20 +223,34 @@ class RunHandlers:
 
     def _tick(self) -> None:
         if self.is_running:
-            text = self.status.text().split(" · ")[0]
-            self.status.setText(f"{text} · {self._elapsed()}")
+            self.status.setText(f"{getattr(self, '_phase_text', 'Running')} · {self._elapsed()}")
 
     def _on_yielded(self, item: Any) -> None:
         if isinstance(item, StatusMessage):
-            self.status.setText(f"{item.text[:1].upper()}{item.text[1:]}… · {self._elapsed()}")
+            self._phase_text = f"{item.text[:1].upper()}{item.text[1:]}…"
+            self._tick()
             return
         step, total = int(getattr(item, "step", 0)), int(getattr(item, "total", 0))
         phase = getattr(item, "phase", "")
+        verb = {"invert": "Inverting", "decode": "Decoding to healthy"}.get(phase, phase)
         if total > 0:
+            # The steps of every chunk of slices and both phases, as one bar in percent.
             self.progress.setRange(0, total)
             self.progress.setValue(step)
-        verb = {"invert": "Inverting", "decode": "Decoding to healthy"}.get(phase, phase)
-        self.status.setText(f"{verb}: step {step} of {total} · {self._elapsed()}")
+            self.progress.setFormat("%p%")
+            verb = f"{verb} · {100 * step // total}%{self._time_left(step, total)}"
+        self._phase_text = verb
+        self._tick()
+
+    def _time_left(self, step: int, total: int) -> str:
+        """", about N s left", from the pace since the first network step."""
+        now = time.monotonic()
+        first = getattr(self, "_first_step", None)
+        if first is None or step <= first[1]:
+            self._first_step = (now, step)
+            return ""
+        seconds = (now - first[0]) / (step - first[1]) * (total - step)
+        return f", about {seconds:.0f} s left" if seconds >= 1 else ", under 1 s left"
 
     def _on_returned(self, value: Any) -> None:
         if self._cancel_requested:  # cancelled after the last step: keep the layers as they were
@@ -245,6 +261,15 @@ class RunHandlers:
             self.status.setText(f"Failed: {value.message}")
             return
         if value is None:
+            return
+        z_slices = (self._job_context or {}).get("z_slices")
+        if z_slices and len(getattr(value, "processed_slices", ())) == 0:
+            from napari.utils.notifications import show_warning
+
+            message = (f"no brain on axial slice {z_slices[0]}: nothing to preview; move to a "
+                       "slice through the brain (the layers are unchanged)")
+            self.status.setText(message[:1].upper() + message[1:])
+            show_warning(f"What is Healthy?: {message}")
             return
         try:
             self._apply_result(value, self._job_context or {})
@@ -272,9 +297,13 @@ class RunHandlers:
         self._timer.stop()
         self._worker = None
         self._job_context = None
-        if self.progress.maximum() == 0:
-            self.progress.setRange(0, 1)
-            self.progress.setValue(0)
+        self._first_step = None
+        self._phase_text = "Running"
+        # Full after a finished run; empty (not "4 / 60") after a cancel or a failure.
+        done = self.status.text().startswith("Done")
+        self.progress.setRange(0, 1)
+        self.progress.setValue(1 if done else 0)
+        self.progress.setFormat("done" if done else "")
         self._update_run_enabled()
 
     def _notify_error(self, message: str) -> None:

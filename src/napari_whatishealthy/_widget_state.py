@@ -190,7 +190,6 @@ class ResultSession:
     reference_channel: int = 0
     overrides: np.ndarray | None = None
     displayed: np.ndarray | None = None
-    started: float = field(default_factory=time.time)
     _auprc_cache: dict[Any, float] = field(default_factory=dict)
 
     @property
@@ -261,7 +260,9 @@ class ResultSession:
         Remembers what it returned, so that :meth:`record_edits` can tell painting apart.
         """
         mask = self.auto_mask(params)
+        self._auto = None  # the threshold result under the edits (only needed when there are)
         if self.overrides is not None:
+            self._auto = mask.copy()
             painted = self.overrides >= 0
             mask[painted] = self.overrides[painted].astype(np.uint8)
         self.displayed = mask.copy()
@@ -282,8 +283,13 @@ class ResultSession:
         if count:
             if self.overrides is None:
                 self.overrides = np.full(data.shape, -1, dtype=np.int16)
+                self._auto = self.displayed.copy()  # no edits yet: what is shown is the result
             values = data[changed]
-            self.overrides[changed] = values
+            kept = values.astype(np.int16)
+            auto = getattr(self, "_auto", None)
+            if auto is not None:  # put back to the threshold result (Ctrl+Z): no edit any more
+                kept[values == auto[changed]] = -1
+            self.overrides[changed] = kept
             self.displayed[changed] = values
         return count
 

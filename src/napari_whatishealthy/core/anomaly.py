@@ -19,12 +19,10 @@ except ImportError:  # pragma: no cover - cc3d is a dependency; scipy is the fal
 
 __all__ = [
     "difference_maps",
-    "erode_mask",
     "healthy_percentile_threshold",
     "make_mask",
     "median_smooth",
     "otsu_threshold",
-    "restrict_to",
 ]
 
 
@@ -67,26 +65,6 @@ def median_smooth(values: np.ndarray, size: int, slice_axis: int | None = -1) ->
         axis = slice_axis % values.ndim
         footprint = tuple(1 if i == axis else int(size) for i in range(values.ndim))
     return ndimage.median_filter(values, size=footprint)
-
-
-def restrict_to(values: np.ndarray, brain_mask: np.ndarray, fill: float = 0.0) -> np.ndarray:
-    """A copy of ``values`` with everything outside ``brain_mask`` set to ``fill``."""
-    values = np.asarray(values)
-    brain = np.asarray(brain_mask, dtype=bool)
-    if brain.shape != values.shape:
-        raise WhatIsHealthyError(
-            f"the brain mask {brain.shape} does not match the map {values.shape}"
-        )
-    return np.where(brain, values, np.asarray(fill, dtype=values.dtype))
-
-
-def erode_mask(mask: np.ndarray, voxels: int = 1) -> np.ndarray:
-    """Binary erosion by ``voxels`` (face connectivity): the peers restrict scores to an eroded
-    brain mask so that the skull-stripping border does not count as anomaly."""
-    mask = np.asarray(mask, dtype=bool)
-    if voxels <= 0:
-        return mask.copy()
-    return ndimage.binary_erosion(mask, iterations=int(voxels))
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:

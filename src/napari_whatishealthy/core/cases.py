@@ -93,7 +93,11 @@ def collect_cases(inputs: Sequence[str | Path], modality: str | None = None) -> 
         if not is_nifti_path(path):
             raise InputError(f"{path}: not a NIfTI file name (.nii or .nii.gz); give NIfTI files "
                              "or a case folder")
-        if modality_from_name(path) is None:
+        named = modality_from_name(path)
+        if modality is not None and named is not None and named != modality:
+            raise InputError(f"{path}: its name says {named}, but --modality says {modality}; "
+                             "rename the file or leave out --modality")
+        if named is None:
             # A lone unnamed file: its modality is settled once the model is known.
             given = {} if modality is None else {str(path): modality}
             cases.append(Case(nifti_stem(path), [path], given))

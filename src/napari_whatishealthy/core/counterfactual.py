@@ -577,6 +577,14 @@ def _free_memory(device: torch.device) -> None:
         pass
 
 
+def _out_of_memory_at_one(device: torch.device, first_batch: int) -> WhatIsHealthyError:
+    return WhatIsHealthyError(
+        f"out of memory on {device} even with one slice per batch (started at {first_batch}); "
+        "free memory used by other programs, or run on the CPU (--device cpu), or use a model "
+        "with a smaller image size"
+    )
+
+
 def _iterate(
     model: Predictor,
     data: np.ndarray,
@@ -640,11 +648,7 @@ def _iterate(
             if not is_out_of_memory(exc):
                 raise
             if batch == 1:
-                raise WhatIsHealthyError(
-                    f"out of memory on {device} even with one slice per batch (started at "
-                    f"{first_batch}); free memory used by other programs, or run on the CPU "
-                    "(--device cpu), or use a model with a smaller image size"
-                ) from exc
+                raise _out_of_memory_at_one(device, first_batch) from exc
             failure = " ".join(str(exc).split())[:200] or type(exc).__name__
         if failure is None:
             start = stop

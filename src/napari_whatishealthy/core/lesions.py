@@ -189,10 +189,14 @@ def _row(lesion: Lesion) -> dict[str, float]:
 
 
 def write_lesion_csv(
-    lesions: Sequence[Lesion], path: str | Path, axis_names: Sequence[str] | None = None
+    lesions: Sequence[Lesion], path: str | Path, axis_names: Sequence[str] | None = None,
+    inputs: Sequence[str | Path] = (),
 ) -> Path:
-    """Write the table as CSV (one row per lesion; NaN cells empty). ``axis_names`` rename the
-    centroid columns (``("S", "A", "R")`` gives ``centroid_S``, ``centroid_mm_S``...)."""
+    """Write the table as CSV (one row per lesion; NaN cells empty), replacing an earlier table
+    but never one of ``inputs`` (see :mod:`.output`). ``axis_names`` rename the centroid columns
+    (``("S", "A", "R")`` gives ``centroid_S``, ``centroid_mm_S``...)."""
+    from .output import write_file
+
     path = Path(path)
     header = list(COLUMNS)
     if axis_names is not None:
@@ -201,13 +205,16 @@ def write_lesion_csv(
         for i, axis in enumerate(axis_names):
             header[header.index(f"centroid_{i}")] = f"centroid_{axis}"
             header[header.index(f"centroid_mm_{i}")] = f"centroid_mm_{axis}"
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for lesion in lesions:
-            row = _row(lesion)
-            writer.writerow([_cell(row[name]) for name in COLUMNS])
-    return path
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            for lesion in lesions:
+                row = _row(lesion)
+                writer.writerow([_cell(row[name]) for name in COLUMNS])
+
+    return write_file(path, write, inputs, overwrite=True)
 
 
 def _cell(value: float) -> str:

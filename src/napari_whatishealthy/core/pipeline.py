@@ -410,14 +410,8 @@ def _run(
     for level_result in per_level:
         _check_finite_result(level_result, settings)
     t_model = time.time() - started
-    warnings: list[str] = []
+    warnings = _warnings(prepared, sub)
     brain = prepared.brain
-    if not brain.any():
-        warnings.append("no brain voxels found (all-zero volume?): nothing to localize, "
-                        "the mask is empty")
-    elif sub.slice_index.size == 0:
-        warnings.append("none of the requested axial slices holds brain; nothing was processed")
-
     difference, per_channel, healthy = _volume_outputs(data, prepared, sub, per_level[0],
                                                        settings.median_size)
     uncertainty = None
@@ -433,15 +427,7 @@ def _run(
     region = _processed_range(sub.slice_index)
     threshold_used = resolve_threshold(settings.threshold, difference[region], brain[region],
                                        recommended)
-    mask = np.zeros(brain.shape, dtype=np.uint8)
-    # Unprocessed slices have difference 0, never above a threshold >= 0: the mask (and its
-    # components) only needs computing over the range of processed slices.
-    mask[region] = make_mask(
-        difference[region],
-        threshold_used,
-        brain_mask=brain[region] if settings.brain_only else None,
-        min_component_voxels=settings.min_component_voxels,
-    )
+    mask = _mask_in(region, difference, brain, threshold_used, settings)
     provenance = make_provenance(
         settings=settings,
         device=str(device),
@@ -480,6 +466,28 @@ def _run(
         warnings=warnings,
         uncertainty=uncertainty,
     )
+
+
+def _warnings(prepared: PreparedVolume, sub: PreparedVolume) -> list[str]:
+    if not prepared.brain.any():
+        return ["no brain voxels found (all-zero volume?): nothing to localize, the mask is empty"]
+    if sub.slice_index.size == 0:
+        return ["none of the requested axial slices holds brain; nothing was processed"]
+    return []
+
+
+def _mask_in(region: tuple[slice, ...], difference: np.ndarray, brain: np.ndarray,
+             threshold: float, settings: LocalizeSettings) -> np.ndarray:
+    """The mask of a run. Unprocessed slices have difference 0, never above a threshold >= 0:
+    the mask (and its components) only needs computing over the range of processed slices."""
+    mask = np.zeros(brain.shape, dtype=np.uint8)
+    mask[region] = make_mask(
+        difference[region],
+        threshold,
+        brain_mask=brain[region] if settings.brain_only else None,
+        min_component_voxels=settings.min_component_voxels,
+    )
+    return mask
 
 
 def _intersect(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, ...]:

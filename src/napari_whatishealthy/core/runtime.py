@@ -1,5 +1,5 @@
-"""Process-level settings: an allocator that makes the CPU path fast and steady, and SIGTERM
-handled like Ctrl-C.
+"""Process-level settings: an allocator that makes the CPU path fast and steady, OpenMP threads
+that sleep rather than spin while waiting (shared cores), and SIGTERM handled like Ctrl-C.
 
 glibc by default returns large activation buffers to the system after every forward pass, which
 costs about a million page faults per pass on a big batch and makes timings jump; keeping the
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -57,3 +58,20 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def prefer_passive_omp_wait(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Ask OpenMP (torch's CPU threads) to sleep rather than spin while waiting, unless the user
+    chose a policy (``OMP_WAIT_POLICY`` already set); returns whether it was set here.
+
+    Only effective before torch is imported (libgomp reads it once). With the default policy, a
+    waiting thread spins; when the cores are shared with other jobs (a cluster node, a busy
+    workstation) the thread it waits for is often descheduled and every network call pays for
+    it: the default model's forward took 264-357 ms per slice with two threads on a 2-core
+    machine at load 9, and 52-62 ms with ``OMP_WAIT_POLICY=PASSIVE`` (docs/benchmarks.md).
+    """
+    environ = os.environ if environ is None else environ
+    if "OMP_WAIT_POLICY" in environ:
+        return False
+    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True

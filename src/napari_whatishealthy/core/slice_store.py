@@ -38,7 +38,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -408,43 +408,55 @@ def _build(store: Path, case_dirs: list[Path], prep: Preprocessing, old_index: d
     if reused:
         log(f"slice store: {reused} of {len(case_dirs)} cases already prepared, "
             f"{len(todo)} to prepare")
-    _prepare_parts(todo, prep, workers, show_progress)
-
-    # Assemble: one flat file, written through a temporary name.
-    total = sum(source["rows"] if kind == "old" else _part_rows(source)
-                for kind, source in sources)
-    shape = (total, len(prep.modalities), prep.image_size, prep.image_size)
-    labels = np.zeros(total, dtype=np.int64)
-    owners = np.zeros(total, dtype=np.int64)
+    dtype = np.dtype(prep.dtype)
+    row_shape = (len(prep.modalities), prep.image_size, prep.image_size)
+    labels_parts: list[np.ndarray] = []
     records: list[dict] = []
     inputs = [p for case in case_dirs for p in _case_files(case, prep.modalities).values()]
 
     def assemble(tmp: Path) -> None:
-        # Plain sequential writes, not a memory map: written pages then sit in the file cache,
-        # not in this process's resident memory, which stays one case whatever the cohort.
+        # Cases are appended in case order as soon as they and all before them are ready, while
+        # the workers prepare the next ones (the serial part overlaps the parallel part). Plain
+        # writes, not a memory map: written pages sit in the file cache, not in this process's
+        # resident memory, which stays one case whatever the cohort.
+        pending = {i for i, _, _ in todo}
+        ready = set(range(len(sources))) - pending
         with open(tmp, "wb") as fh:
-            np.lib.format.write_array_header_2_0(fh, {
-                "descr": np.lib.format.dtype_to_descr(np.dtype(prep.dtype)),
-                "fortran_order": False, "shape": shape})
-            row = 0
-            for i, (kind, source) in enumerate(sources):
-                if kind == "old":
-                    first, n = source["first_row"], source["rows"]
-                    block = old_store.read(np.arange(first, first + n))
-                    block_labels = old_store.labels[first : first + n]
-                    record = {k: v for k, v in source.items() if k != "first_row"}
-                else:
-                    block, block_labels, record = _read_part(source)
-                    n = len(block_labels)
-                fh.write(np.ascontiguousarray(block, dtype=np.dtype(prep.dtype)).tobytes())
-                labels[row : row + n] = block_labels
-                owners[row : row + n] = i
-                records.append({**record, "first_row": row, "rows": n})
-                row += n
+            fh.write(_npy_header(0, row_shape, dtype))  # rewritten with the count at the end
+            state = {"next": 0, "row": 0}
+
+            def flush() -> None:
+                while state["next"] < len(sources) and state["next"] in ready:
+                    i = state["next"]
+                    kind, source = sources[i]
+                    if kind == "old":
+                        first, n = source["first_row"], source["rows"]
+                        block = old_store.read(np.arange(first, first + n))
+                        block_labels = old_store.labels[first : first + n]
+                        record = {k: v for k, v in source.items() if k != "first_row"}
+                    else:
+                        block, block_labels, record = _read_part(source)
+                        n = len(block_labels)
+                    fh.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
+                    labels_parts.append(np.asarray(block_labels, dtype=np.int64))
+                    records.append({**record, "first_row": state["row"], "rows": n})
+                    state["row"] += n
+                    state["next"] += 1
+
+            flush()
+            for i in _prepare_parts(todo, prep, workers, show_progress):
+                ready.add(i)
+                flush()
+            flush()
+            fh.seek(0)
+            fh.write(_npy_header(state["row"], row_shape, dtype))
 
     # One flat file, then the small arrays, then the index: its presence means complete.
     write_file(store / SLICES_FILE, assemble, inputs, overwrite=True)
     old_store = None
+    labels = np.concatenate(labels_parts) if labels_parts else np.zeros(0, np.int64)
+    owners = np.repeat(np.arange(len(records), dtype=np.int64), [r["rows"] for r in records])
+    shape = (len(labels), *row_shape)
     for name, values in ((LABELS_FILE, labels), (OWNERS_FILE, owners)):
         write_file(store / name, lambda tmp, v=values: np.save(tmp, v), inputs, overwrite=True)
     index = {
@@ -461,29 +473,47 @@ def _build(store: Path, case_dirs: list[Path], prep: Preprocessing, old_index: d
     write_file(store / INDEX_FILE, lambda tmp: Path(tmp).write_text(text), inputs,
                overwrite=True)
     shutil.rmtree(parts, ignore_errors=True)
-    log(f"slice store {store}: {total} slices of {len(case_dirs)} cases, "
-        f"{total * int(np.prod(shape[1:])) * np.dtype(prep.dtype).itemsize / 2**20:.0f} MiB, "
+    log(f"slice store {store}: {shape[0]} slices of {len(case_dirs)} cases, "
+        f"{shape[0] * int(np.prod(row_shape)) * dtype.itemsize / 2**20:.0f} MiB, "
         f"{time.time() - started:.1f} s with {workers} process(es)")
 
 
-def _part_rows(part: Path) -> int:
-    with np.load(part, allow_pickle=False) as data:
-        return int(data["labels"].shape[0])
+def _holds_threads() -> bool:
+    """Whether this process runs CUDA or torch.distributed (threads that fork must not copy)."""
+    import torch
+
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return bool(torch.cuda.is_initialized() or initialised)
+
+
+def _npy_header(rows: int, row_shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """An .npy (version 2.0) header of fixed length whatever ``rows`` is, so that it can be
+    written before the row count is known and rewritten in place after."""
+    shape = ", ".join([f"{rows:>15d}", *map(str, row_shape)])
+    text = (f"{{'descr': {np.lib.format.dtype_to_descr(dtype)!r}, 'fortran_order': False, "
+            f"'shape': ({shape}), }}")
+    prefix = 8 + 4  # magic and version, then the header length
+    text += " " * (-(prefix + len(text) + 1) % 64) + "\n"
+    return (np.lib.format.magic(2, 0) + len(text).to_bytes(4, "little")
+            + text.encode("latin1"))
 
 
 def _prepare_parts(todo: list[tuple[int, Path, Path]], prep: Preprocessing, workers: int,
-                   show_progress: bool) -> None:
+                   show_progress: bool) -> Iterator[int]:
+    """Prepare the cases of ``todo`` into their part files; yields each case's index as it
+    is finished (in the order they finish)."""
     if not todo:
         return
     bar = progress_bar(len(todo), unit="case", desc="slice store") if show_progress else None
-    args = [(str(case), tuple(prep.modalities), prep.image_size, str(part))
-            for _, case, part in todo]
+    args = {i: (str(case), tuple(prep.modalities), prep.image_size, str(part))
+            for i, case, part in todo}
     try:
         if workers <= 1 or len(todo) == 1:
-            for a in args:
+            for i, a in args.items():
                 _build_part(*a)
                 if bar is not None:
                     bar.update(1)
+                yield i
             return
         import multiprocessing
 
@@ -491,16 +521,20 @@ def _prepare_parts(todo: list[tuple[int, Path, Path]], prep: Preprocessing, work
 
         # fork on Linux: workers start at once with the modules already imported (a fresh
         # interpreter per worker costs ~2 s of imports, which ate the gain on small cohorts).
-        # Workers use one torch thread and no GPU, which is what makes forking safe here.
-        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        # Workers use one torch thread and no GPU, which is what makes forking safe here; a
+        # process that already holds CUDA or a process group (a DDP rank 0) starts clean
+        # workers from a fork server instead.
+        method = "fork" if sys.platform.startswith("linux") and not _holds_threads() else (
+            "forkserver" if sys.platform.startswith("linux") else "spawn")
         context = multiprocessing.get_context(method)
         with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
-            futures = {pool.submit(_build_part, *a): a[0] for a in args}
+            futures = {pool.submit(_build_part, *a): i for i, a in args.items()}
             try:
                 for future in as_completed(futures):
                     future.result()  # a case's InputError stops the build with its message
                     if bar is not None:
                         bar.update(1)
+                    yield futures[future]
             except BaseException:
                 for f in futures:
                     f.cancel()
@@ -508,3 +542,26 @@ def _prepare_parts(todo: list[tuple[int, Path, Path]], prep: Preprocessing, work
     finally:
         if bar is not None:
             bar.close()
+
+
+def resident_on_device(slices: Any, device: Any, fraction: float = 0.25,
+                       chunk_rows: int = 4096) -> Any:
+    """The rows of ``slices`` (a :class:`SliceStore` view or an in-RAM set) as one float16
+    tensor on a CUDA ``device`` when they take at most ``fraction`` of its free memory, copied
+    in chunks (host memory stays one chunk); None otherwise (batches are then read from the
+    store), and always None off CUDA."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda" or len(slices) == 0:
+        return None
+    first = slices.read(np.arange(1))
+    need = len(slices) * first.nbytes
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > fraction * free:
+        return None
+    out = torch.empty((len(slices), *first.shape[1:]), dtype=torch.from_numpy(first).dtype,
+                      device=device)
+    for start in range(0, len(slices), chunk_rows):
+        stop = min(start + chunk_rows, len(slices))
+        out[start:stop] = torch.from_numpy(slices.read(np.arange(start, stop))).to(device)
+    return out

@@ -31,7 +31,6 @@ version 1 for the same seed; the kind of each case (healthy / typical / subtle) 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -40,7 +39,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from .output import OutputSet
+from .output import OutputSet, write_json
 from .volume import MODALITIES, canonical_to_source
 
 # Mean intensity of each tissue per modality, relative (BraTS-like contrasts).
@@ -663,5 +662,5 @@ def synthesise(
         "subtle_fraction": subtle_fraction,
         "cases": [asdict(i) for i in infos],
     }
-    (out / "cases.json").write_text(json.dumps(manifest, indent=2))
+    write_json(manifest, out / "cases.json", overwrite=True)
     return infos

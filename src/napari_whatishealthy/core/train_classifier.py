@@ -18,12 +18,10 @@ Output folder layout (like ``train``):
 from __future__ import annotations
 
 import copy
-import json
-import math
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,26 +30,21 @@ import torch.nn.functional as F
 from .classifier import (
     ClassifierNetworkSpec,
     ClassifierSpec,
-    NoisyClassifier,
     build_classifier,
     save_classifier,
 )
 from .data import SliceSet, load_slice_set
 from .errors import WhatIsHealthyError
-from .model import count_parameters
-from .progress import interval_line, is_live, progress_bar
-from .train import (
+from .slice_store import SliceStore
+from .trainer import (
     CACHE_FILE,
-    CHECKPOINT_DIR,
-    LOG_FILE,
-    STATE_FILE,
-    BalancedSampler,
-    _autocast,
-    _load_data,
-    _split_cases,
-    _stop_on_sigterm,
-    resume_errors,
-    save_state_atomic,
+    STORE_DIR,
+    DistInfo,
+    Objective,
+    RunConfig,
+    autocast,
+    load_data,
+    run_training,
 )
 
 __all__ = ["ClassifierTrainConfig", "classifier_loss", "evaluate_classifier", "train_classifier"]
@@ -60,34 +53,17 @@ NOISE_BANDS = ((0, 250), (250, 500), (500, 750), (750, 1000))
 
 
 @dataclass
-class ClassifierTrainConfig:
-    data: str
-    out: str
-    size: int = 64
-    modalities: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
+class ClassifierTrainConfig(RunConfig):
+    """The classifier's run: the shared options (its own defaults) and its own."""
+
     steps: int = 3000
-    batch: int = 32
     lr: float = 3e-4
     weight_decay: float = 0.05
     warmup: int = 100
-    val_fraction: float = 0.1  # the diffusion model's default: the same held-out cases
-    seed: int = 0
-    amp: str = "auto"  # auto | on | off
-    device: str = "auto"
-    log_every: int = 25
-    val_every: int = 250
-    checkpoint_every: int = 250
-    time_limit_min: float | None = None
-    resume: bool = False
+    name: str = "whatishealthy-classifier"
     network: ClassifierNetworkSpec = field(default_factory=ClassifierNetworkSpec)
-    timestep_stride: int = 10
     max_noise: float = 1.0  # train on timesteps up to max_noise * T
     slices: str | None = None  # reuse a slices.npz (e.g. the diffusion run's) instead of DATA
-    store: str | None = None  # slice store folder (None: DIR/slice_store), as in train
-    workers: int | None = None
-    rebuild_store: bool = False
-    in_memory: bool = False
-    name: str = "whatishealthy-classifier"
 
 
 def classifier_loss(
@@ -136,7 +112,7 @@ def evaluate_classifier(
         part = index[start : start + batch]
         x0 = torch.from_numpy(val.read(part).astype(np.float32)).to(device)
         labels = torch.from_numpy(val.labels[part]).to(device)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             _, logits, t = classifier_loss(model, x0, labels, alphas_cumprod, timesteps,
                                            generator)
         losses.append(F.cross_entropy(logits.float(), labels, reduction="none").cpu())
@@ -154,12 +130,12 @@ def evaluate_classifier(
     return {"val_loss": float(loss.mean()), "val_acc": float(ok.mean()), "val_acc_by_t": by_t}
 
 
-def _load_slices(config: ClassifierTrainConfig, log: Callable[[str], None]) -> SliceSet:
+def _load_slices(config: ClassifierTrainConfig, dist_info: DistInfo, log: Callable[[str], None],
+                 show_progress: bool = True) -> SliceSet | SliceStore:
     if config.slices is None:
-        return _load_data(config, _Main(), log)  # DATA -> the slice store, as `train` does
+        return load_data(config, dist_info, log, show_progress)  # DATA -> the slice store
     path = Path(config.slices)
-    from .slice_store import INDEX_FILE, SliceStore
-    from .train import STORE_DIR
+    from .slice_store import INDEX_FILE
 
     for folder in (path, path / STORE_DIR):  # a store, or a `train --out` folder holding one
         if (folder / INDEX_FILE).is_file():
@@ -188,10 +164,67 @@ def _check_shape(path: Path, shape: tuple[int, ...], config: ClassifierTrainConf
         )
 
 
-class _Main:
-    """The single-process stand-in for train.DistInfo (this trainer is not distributed)."""
+class ClassifierObjective(Objective):
+    """Cross-entropy of the noisy-image classifier at random trained timesteps."""
 
-    is_main = True
+    what = "classifier"
+    checkpoint_label = "classifier checkpoint"
+    seed_offset = 17
+    noise_on_device = False  # classifier_loss draws its noise on the CPU
+
+    def __init__(self, config: ClassifierTrainConfig) -> None:
+        if not 0.0 < config.max_noise <= 1.0:
+            raise WhatIsHealthyError(f"max_noise must be in (0, 1], got {config.max_noise}")
+        self.config = config
+        self.last_val: dict[str, Any] = {}
+
+    def build(self, log: Callable[[str], None]) -> None:
+        config = self.config
+        self.spec = spec = ClassifierSpec(image_size=config.size,
+                                          modalities=tuple(config.modalities),
+                                          network=copy.deepcopy(config.network), name=config.name)
+        spec.schedule.timestep_stride = config.timestep_stride
+        if config.max_noise < 1.0:
+            spec.max_timestep = int(round(config.max_noise * spec.schedule.num_train_timesteps))
+        self.timesteps = spec.trained_timesteps()
+        if len(self.timesteps) == 0:
+            raise WhatIsHealthyError("no trained timesteps at or below --max-noise")
+        self.model = build_classifier(spec)
+        self.alphas_cumprod = spec.schedule.alphas_cumprod().to(torch.float32)
+
+    def load_slices(self, dist_info: DistInfo, log: Callable[[str], None],
+                    show_progress: bool) -> SliceSet | SliceStore:
+        return _load_slices(self.config, dist_info, log, show_progress)
+
+    def loss(self, net: torch.nn.Module, x0: torch.Tensor, labels: torch.Tensor,
+             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, logits, _ = classifier_loss(net, x0, labels, self.alphas_cumprod, self.timesteps,
+                                          generator)
+        return loss, {"acc": float((logits.argmax(1) == labels).float().mean())}
+
+    def validate(self, run: Any) -> dict[str, Any]:
+        self.last_val = evaluate_classifier(self.model, run.val_set, self.alphas_cumprod,
+                                            self.timesteps, run.device, self.config.amp)
+        return self.last_val
+
+    def save_checkpoint(self, folder: Path, run: Any) -> None:
+        config = self.config
+        self.spec.training = {
+            "steps": run.step,
+            "batch": config.batch * run.dist.world,
+            "wall_time_s": round(run.elapsed(), 1),
+            "data": str(config.slices or config.data),
+            "cases": {"train": len(run.train_cases), "validation": len(run.val_cases)},
+            "slices": {"train": run.train_set.counts(), "validation": run.val_set.counts()},
+            "lr": config.lr,
+            "max_noise": config.max_noise,
+            "device": str(run.device),
+            "torch": torch.__version__,
+            **({"validation": self.last_val} if self.last_val else {}),
+        }
+        self.model.eval()
+        save_classifier(self.model, folder, self.spec)
+        self.model.train()
 
 
 def train_classifier(
@@ -201,162 +234,4 @@ def train_classifier(
 ) -> Path:
     """Train (or resume) the classifier and return its checkpoint folder; SIGTERM and Ctrl-C
     stop the run after saving a resumable state."""
-    with _stop_on_sigterm():
-        return _train(config, log, show_progress)
-
-
-def _train(config: ClassifierTrainConfig, log: Callable[[str], None],
-           show_progress: bool) -> Path:
-    from .device import resolve_device
-    from .runtime import tune_allocator
-
-    tune_allocator()
-    if not 0.0 < config.max_noise <= 1.0:
-        raise WhatIsHealthyError(f"max_noise must be in (0, 1], got {config.max_noise}")
-    device = resolve_device(config.device)
-    out = Path(config.out)
-    state_path = out / STATE_FILE
-    if state_path.exists() and not config.resume:
-        raise WhatIsHealthyError(
-            f"{out}: holds a training run already; pass --resume to continue it or choose "
-            "another --out"
-        )
-    torch.manual_seed(config.seed)
-    slice_set = _load_slices(config, log)
-    train_cases, val_cases = _split_cases(len(slice_set.cases), config.val_fraction, config.seed)
-    train_set, val_set = slice_set.subset(train_cases), slice_set.subset(val_cases)
-    log(f"slices: train {train_set.counts()} from {len(train_cases)} cases, "
-        f"validation {val_set.counts()} from {len(val_cases)} cases")
-
-    spec = ClassifierSpec(
-        image_size=config.size,
-        modalities=tuple(config.modalities),
-        network=copy.deepcopy(config.network),
-        name=config.name,
-    )
-    spec.schedule.timestep_stride = config.timestep_stride
-    if config.max_noise < 1.0:
-        spec.max_timestep = int(round(config.max_noise * spec.schedule.num_train_timesteps))
-    timesteps = spec.trained_timesteps()
-    if len(timesteps) == 0:
-        raise WhatIsHealthyError("no trained timesteps at or below --max-noise")
-    model: NoisyClassifier = build_classifier(spec).to(device)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
-    sampler = BalancedSampler(train_set.labels, config.seed)
-    generator = torch.Generator().manual_seed(config.seed * 1000 + 17)
-    step = 0
-    elapsed_before = 0.0
-    if config.resume and state_path.exists():
-        with resume_errors(state_path):
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-            model.load_state_dict(state["model"])
-            optimiser.load_state_dict(state["optimiser"])
-            step = int(state["step"])
-            elapsed_before = float(state["elapsed_s"])
-            sampler.set_state(json.loads(state["sampler"]))
-            generator.set_state(state["generator"])
-            log(f"resumed at step {step}")
-    alphas_cumprod = spec.schedule.alphas_cumprod().to(torch.float32)
-    log(f"classifier: {count_parameters(model) / 1e6:.2f} M parameters on {device}")
-    last_val: dict = {}
-
-    def save(final: bool = False) -> None:
-        spec.training = {
-            "steps": step,
-            "batch": config.batch,
-            "wall_time_s": round(elapsed_before + time.time() - started, 1),
-            "data": str(config.slices or config.data),
-            "cases": {"train": len(train_cases), "validation": len(val_cases)},
-            "slices": {"train": train_set.counts(), "validation": val_set.counts()},
-            "lr": config.lr,
-            "max_noise": config.max_noise,
-            "device": str(device),
-            "torch": torch.__version__,
-            **({"validation": last_val} if last_val else {}),
-        }
-        model.eval()
-        save_classifier(model, out / CHECKPOINT_DIR, spec)
-        model.train()
-        state = {
-            "model": model.state_dict(),
-            "optimiser": optimiser.state_dict(),
-            "step": step,
-            "elapsed_s": elapsed_before + time.time() - started,
-            "sampler": json.dumps(sampler.state()),
-            "generator": generator.get_state(),
-            "config": json.dumps(asdict(config)),
-        }
-        save_state_atomic(state, state_path)
-        if final:
-            log(f"classifier checkpoint: {out / CHECKPOINT_DIR}")
-
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    progress = progress_bar(config.steps, initial=step, unit="step") if show_progress else None
-    # Without a live bar (a log file, a pipe, --no-progress) each log interval is one line.
-    log_lines = not is_live(progress)
-    model.train()
-    window_loss, window_acc, window_n, window_t = 0.0, 0.0, 0, time.time()
-    with open(out / LOG_FILE, "a") as log_file:
-        try:
-            while step < config.steps:
-                if (config.time_limit_min is not None
-                        and (time.time() - started) / 60 > config.time_limit_min):
-                    log(f"time limit of {config.time_limit_min} min reached at step {step}")
-                    break
-                index = sampler.sample(config.batch)
-                x0 = torch.from_numpy(train_set.read(index).astype(np.float32))
-                if torch.rand((), generator=generator) < 0.5:
-                    x0 = x0.flip(-2)  # left-right flip, as for the diffusion model
-                labels = torch.from_numpy(train_set.labels[index].copy())
-                x0, labels = x0.to(device), labels.to(device)
-                lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
-                for group in optimiser.param_groups:
-                    group["lr"] = lr
-                with _autocast(device, config.amp):
-                    loss, logits, _ = classifier_loss(model, x0, labels, alphas_cumprod,
-                                                      timesteps, generator)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimiser.step()
-                step += 1
-                window_loss += loss.item()
-                window_acc += float((logits.argmax(1) == labels).float().mean())
-                window_n += 1
-                if progress is not None:
-                    progress.update(1)
-                if step % config.log_every == 0 or step == config.steps:
-                    now = time.time()
-                    record = {
-                        "step": step,
-                        "loss": window_loss / window_n,
-                        "acc": window_acc / window_n,
-                        "lr": lr,
-                        "slices_per_s": window_n * config.batch / (now - window_t),
-                        "elapsed_s": round(elapsed_before + now - started, 1),
-                    }
-                    if step % config.val_every == 0 or step == config.steps:
-                        last_val = evaluate_classifier(model, val_set, alphas_cumprod,
-                                                       timesteps, device, config.amp)
-                        record.update(last_val)
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{record['loss']:.3f}",
-                                             acc=f"{record['acc']:.2f}")
-                    if log_lines:
-                        log(interval_line(record, config.steps))
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                    window_loss, window_acc, window_n, window_t = 0.0, 0.0, 0, time.time()
-                if step % config.checkpoint_every == 0:
-                    save()
-        finally:
-            if progress is not None:
-                progress.close()
-            save(final=True)
-    return out / CHECKPOINT_DIR
-
-
-def is_finite_log(records: list[dict]) -> bool:
-    return all(math.isfinite(r["loss"]) for r in records)
+    return run_training(config, ClassifierObjective(config), log, show_progress)
