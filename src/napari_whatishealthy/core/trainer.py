@@ -148,6 +148,20 @@ class BalancedSampler:
         self.rng.bit_generator.state = state
 
 
+def noised(x0: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_t, t, noise)``: ``x0`` noised to timesteps drawn from ``timesteps``,
+    ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise``. The draws come from ``generator`` on its
+    own device (a CUDA generator keeps them on the GPU)."""
+    where = generator.device if generator is not None else torch.device("cpu")
+    pick = torch.randint(0, len(timesteps), (x0.shape[0],), generator=generator, device=where)
+    t = timesteps.to(where)[pick].to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=where).to(x0.device)
+    # Index on the timesteps' device: a CPU table indexed by CUDA timesteps is an error.
+    ab = alphas_cumprod.to(x0.device, torch.float32)[t].view(-1, 1, 1, 1)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t, noise
+
+
 def split_cases(
     n_cases: int, val_fraction: float, seed: int, log: Callable[[str], None] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
