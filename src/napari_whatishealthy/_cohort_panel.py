@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from qtpy.QtCore import QEvent, QObject, QTimer
 from qtpy.QtWidgets import (
-    QApplication,
     QFileDialog,
     QHBoxLayout,
     QLabel,
@@ -346,20 +345,9 @@ class CohortPanel(QWidget):
 
     def stop_worker(self, timeout_s: float = 60.0) -> bool:
         """Quit the background runs and wait for the thread (the viewer is closing)."""
-        worker = self._worker
-        if worker is None:
-            return True
-        for signal in (worker.yielded, worker.returned, worker.errored, worker.aborted):
-            try:
-                signal.disconnect()
-            except (RuntimeError, TypeError):
-                pass
-        worker.quit()
-        deadline = time.monotonic() + timeout_s
-        while worker.is_running and time.monotonic() < deadline:
-            QApplication.processEvents()
-            time.sleep(0.01)
-        return not worker.is_running
+        from ._widget_run import stop_and_wait
+
+        return True if self._worker is None else stop_and_wait(self._worker, timeout_s)
 
     def _notify_error(self, message: str) -> None:
         from napari.utils.notifications import show_error

@@ -84,6 +84,8 @@ class LocalizeResult:
     settings: LocalizeSettings
     provenance: dict[str, Any]
     modalities: tuple[str, ...] = ()
+    # With several noise levels: the per-voxel standard deviation of their difference maps.
+    uncertainty: np.ndarray | None = None  # [X, Y, Z] float32
     processed_slices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     recommended_threshold: float = 0.0
     warnings: list[str] = field(default_factory=list)
@@ -336,8 +338,11 @@ def iter_localize(
     settings = dataclasses.replace(settings, classifier=None)
     device = model_device(model) or resolve_device(settings.device)
     # iter_counterfactual checks the model, the slices and the settings now, not at next().
-    inner = iter_counterfactual(model, sub.slices,
-                                dataclasses.replace(settings, classifier=guided_by))
+    run_settings = dataclasses.replace(settings, classifier=guided_by)
+    if settings.noise_levels:
+        inner = _iter_levels(model, sub.slices, run_settings)
+    else:
+        inner = iter_counterfactual(model, sub.slices, run_settings)
     classifier_info = None
     if guided_by is not None:
         from .classifier import classifier_record
@@ -350,8 +355,36 @@ def iter_localize(
     )
 
 
+def _iter_levels(
+    model: Any, slices: np.ndarray, settings: LocalizeSettings
+) -> Generator[Progress, None, list[np.ndarray]]:
+    """One counterfactual per level of ``settings.noise_levels``, one after the other, with
+    progress counted over all of them; returns the healthy slices of each level."""
+    levels = [float(v) for v in settings.noise_levels]
+    runs = [iter_counterfactual(model, slices, dataclasses.replace(
+        settings, noise_level=level, noise_levels=())) for level in levels]  # checked now
+    out: list[np.ndarray] = []
+    done = 0
+    try:
+        for run in runs:
+            last = 0
+            while True:
+                try:
+                    p = next(run)
+                except StopIteration as stop:
+                    out.append(stop.value)
+                    break
+                last = p.step
+                yield Progress(done + p.step, done + p.total * (len(levels) - len(out)), p.phase)
+            done += last
+    finally:
+        for run in runs:
+            run.close()
+    return out
+
+
 def _run(
-    inner: Generator[Progress, None, np.ndarray],
+    inner: Generator[Progress, None, np.ndarray | list[np.ndarray]],
     data: np.ndarray,
     prepared: PreparedVolume,
     sub: PreparedVolume,
@@ -373,12 +406,23 @@ def _run(
         inner.close()
     if healthy_s is None:  # closed from outside
         return None  # type: ignore[return-value]
-    _check_finite_result(healthy_s, settings)
+    per_level = healthy_s if isinstance(healthy_s, list) else [healthy_s]
+    for level_result in per_level:
+        _check_finite_result(level_result, settings)
     t_model = time.time() - started
     warnings = _warnings(prepared, sub)
     brain = prepared.brain
-    difference, per_channel, healthy = _volume_outputs(data, prepared, sub, healthy_s,
+    difference, per_channel, healthy = _volume_outputs(data, prepared, sub, per_level[0],
                                                        settings.median_size)
+    uncertainty = None
+    if len(per_level) > 1:
+        # The mean of the levels' maps is the score; their spread says where it is unsure.
+        # (The healthy image shown is the first level's.)
+        maps = [difference] + [_volume_outputs(data, prepared, sub, h, settings.median_size)[0]
+                               for h in per_level[1:]]
+        stack = np.stack(maps)
+        difference = stack.mean(axis=0, dtype=np.float32)
+        uncertainty = stack.std(axis=0, dtype=np.float32)
     recommended = float(spec.inference.threshold)
     region = _processed_range(sub.slice_index)
     threshold_used = resolve_threshold(settings.threshold, difference[region], brain[region],
@@ -420,6 +464,7 @@ def _run(
         processed_slices=sub.slice_index.copy(),
         recommended_threshold=recommended,
         warnings=warnings,
+        uncertainty=uncertainty,
     )
 
 
@@ -540,9 +585,11 @@ def output_paths(
     case: str,
     modalities: Sequence[str] = (),
     all_channels: bool = False,
+    uncertainty: bool = False,
 ) -> dict[str, Path]:
     """Where :func:`write_outputs` writes a case: keys ``healthy``, ``difference``, ``mask``,
-    ``provenance`` and, with ``all_channels``, ``healthy_<modality>`` for every channel."""
+    ``provenance``, with ``all_channels`` ``healthy_<modality>`` for every channel, and with
+    ``uncertainty`` (a run over several noise levels) ``uncertainty``."""
     out = Path(out_dir)
     paths = {
         "healthy": out / f"{case}_healthy.nii.gz",
@@ -553,13 +600,16 @@ def output_paths(
     if all_channels:
         for m in modalities:
             paths[f"healthy_{m}"] = out / f"{case}_healthy_{m}.nii.gz"
+    if uncertainty:
+        paths["uncertainty"] = out / f"{case}_uncertainty.nii.gz"
     return paths
 
 
 def output_bytes(paths: dict[str, Path], voxels: int) -> int:
     """An upper bound on the bytes :func:`write_outputs` writes for a source grid of ``voxels``
     voxels (float32 maps and a uint8 mask, before compression), for the free-space check."""
-    floats = sum(1 for key in paths if key.startswith("healthy") or key == "difference")
+    floats = sum(1 for key in paths
+                 if key.startswith("healthy") or key in ("difference", "uncertainty"))
     return voxels * (4 * floats + 1) + 64 * 1024
 
 
@@ -604,7 +654,8 @@ def write_outputs(
     from .volume import on_source_grid
 
     case = case or volume.name
-    paths = output_paths(out_dir, case, result.modalities, all_channels)
+    paths = output_paths(out_dir, case, result.modalities, all_channels,
+                         uncertainty=result.uncertainty is not None)
     protected = (*volume.input_paths, *inputs)
     check_outputs(paths, protected, overwrite)
     arrays: list[tuple[str, np.ndarray, type]] = [
@@ -615,6 +666,8 @@ def write_outputs(
     for i, m in enumerate(result.modalities):
         if f"healthy_{m}" in paths:
             arrays.append((f"healthy_{m}", result.healthy[i], np.float32))
+    if result.uncertainty is not None:
+        arrays.append(("uncertainty", result.uncertainty, np.float32))
     with OutputSet(protected, overwrite) as outputs:
         digests: dict[str, str] = {}
         for key, array, dtype in arrays:

@@ -45,6 +45,7 @@ from .trainer import (
     RunConfig,
     autocast,
     load_data,
+    noised,
     read_log,
     run_training,
     store_info,
@@ -71,13 +72,7 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Epsilon-prediction MSE at timesteps drawn from the trained set."""
-    where = generator.device if generator is not None else torch.device("cpu")
-    pick = torch.randint(0, len(timesteps), (x0.shape[0],), generator=generator, device=where)
-    t = timesteps.to(where)[pick].to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=where).to(x0.device)
-    # Index on the timesteps' device: a CPU table indexed by CUDA timesteps is an error.
-    ab = alphas_cumprod.to(x0.device, torch.float32)[t].view(-1, 1, 1, 1)
-    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    xt, t, noise = noised(x0, alphas_cumprod, timesteps, generator)
     pred = model(xt, t, labels)
     return F.mse_loss(pred.float(), noise)
 

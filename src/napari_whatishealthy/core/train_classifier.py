@@ -44,6 +44,7 @@ from .trainer import (
     RunConfig,
     autocast,
     load_data,
+    noised,
     run_training,
 )
 
@@ -77,13 +78,7 @@ def classifier_loss(
     """Cross-entropy of the classifier on ``x0`` noised to random trained timesteps.
 
     Returns ``(loss, logits, t)``."""
-    pick = torch.randint(0, len(timesteps), (x0.shape[0],), generator=generator)
-    t_cpu = timesteps[pick]
-    t = t_cpu.to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    # Indexed on the CPU, where the table is: CUDA timesteps cannot index a CPU tensor.
-    ab = alphas_cumprod[t_cpu].to(x0.device, torch.float32).view(-1, 1, 1, 1)
-    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    xt, t, _ = noised(x0, alphas_cumprod, timesteps, generator)
     logits = model(xt, t).float()
     return F.cross_entropy(logits, labels), logits, t
 
