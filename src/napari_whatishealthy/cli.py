@@ -120,6 +120,9 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                         "<case>_uncertainty.nii.gz (one counterfactual per level; 'none': "
                         "the single --noise level)")
     g.add_argument("--steps", type=int, default=None, help="DDIM steps to the noise level")
+    g.add_argument("--edge-erosion", type=int, default=None, dest="edge_erosion",
+                   help="voxels of the brain's edge where the difference is set to 0 (the "
+                        "skull-stripping border is not a lesion); 0: none")
     g.add_argument("--threshold", default=None,
                    help="mask threshold on the difference: a number, 'auto' (the model's "
                         "recommended value) or 'otsu' (per volume)")

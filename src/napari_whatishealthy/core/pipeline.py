@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .anomaly import difference_maps, make_mask, median_smooth, otsu_threshold
+from .anomaly import difference_maps, erode_mask, make_mask, median_smooth, otsu_threshold
 from .counterfactual import iter_counterfactual, model_device
 from .device import resolve_device
 from .errors import InputError, WhatIsHealthyError
@@ -412,14 +412,15 @@ def _run(
     t_model = time.time() - started
     warnings = _warnings(prepared, sub)
     brain = prepared.brain
+    scored = _scored_region(brain, sub.slice_index, int(settings.edge_erosion))
     difference, per_channel, healthy = _volume_outputs(data, prepared, sub, per_level[0],
-                                                       settings.median_size)
+                                                       settings.median_size, scored)
     uncertainty = None
     if len(per_level) > 1:
         # The mean of the levels' maps is the score; their spread says where it is unsure.
         # (The healthy image shown is the first level's.)
-        maps = [difference] + [_volume_outputs(data, prepared, sub, h, settings.median_size)[0]
-                               for h in per_level[1:]]
+        maps = [difference] + [_volume_outputs(data, prepared, sub, h, settings.median_size,
+                                               scored)[0] for h in per_level[1:]]
         stack = np.stack(maps)
         difference = stack.mean(axis=0, dtype=np.float32)
         uncertainty = stack.std(axis=0, dtype=np.float32)
@@ -501,6 +502,19 @@ def _intersect(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, ...]:
     return tuple(out)
 
 
+def _scored_region(brain: np.ndarray, slice_index: np.ndarray, erosion: int) -> np.ndarray:
+    """The brain less ``erosion`` voxels of its edge (3D), computed only around the processed
+    slices (with ``erosion`` slices of margin, so that the result there is exact): a one-slice
+    preview erodes a thin slab, not the volume."""
+    if erosion <= 0 or slice_index.size == 0:
+        return brain
+    lo = max(int(slice_index.min()) - erosion, 0)
+    hi = min(int(slice_index.max()) + erosion + 1, brain.shape[2])
+    scored = np.zeros_like(brain)
+    scored[..., lo:hi] = erode_mask(brain[..., lo:hi], erosion)
+    return scored
+
+
 def _processed_range(slice_index: np.ndarray) -> tuple[slice, slice, slice]:
     """The index of the axial range spanning the processed slices (empty when none)."""
     if slice_index.size == 0:
@@ -514,6 +528,7 @@ def _volume_outputs(
     sub: PreparedVolume,
     healthy_s: np.ndarray,
     median_size: int,
+    scored: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(difference [X, Y, Z], per-channel difference [C, X, Y, Z], healthy [C, X, Y, Z]) on the
     volume grid. Only the processed slices are computed; the rest are 0 (differences) and the
@@ -538,7 +553,8 @@ def _volume_outputs(
     smoothed = median_smooth(raw, median_size, slice_axis=-1)
     # Outside the brain there is only background; what the model-space resize bleeds there is
     # not an anomaly and would show as a halo in the difference layer.
-    smoothed *= brain_idx
+    # ``scored``: the brain, or the brain less its edge (edge_erosion): the map is 0 outside it.
+    smoothed *= brain_idx if scored is None else scored[..., z]
     per_idx *= brain_idx
     difference[..., z] = smoothed
     per_channel[..., z] = per_idx
