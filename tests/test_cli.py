@@ -437,7 +437,8 @@ def test_demo_opens_napari_with_the_sample_and_the_widget(monkeypatch, tiny_chec
         names = [layer.name for layer in viewer.layers]
         assert any("flair" in n.lower() for n in names), names
         docks = viewer.window.dock_widgets
-        assert "What is Healthy?" in docks, list(docks)
+        # docked as the Plugins menu docks it: the same title
+        assert "Lesion localization (napari-whatishealthy)" in docks, list(docks)
     finally:
         for viewer in viewers:
             viewer.close()
