@@ -84,6 +84,16 @@ def _run_synth(args: argparse.Namespace) -> int:
 # Inference options shared by localize, evaluate and demo.
 
 
+def _noise_levels(text: str) -> tuple[float, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated noise levels like 0.2,0.3,0.45, got {text!r}") from None
+
+
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     from .core.settings import LocalizeSettings
 
@@ -104,7 +114,15 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                    help="classifier guidance scale s (default: the classifier's recommended)")
     g.add_argument("--noise", type=float, default=None, dest="noise_level",
                    help="noise level L in (0, 1]: how far the input is inverted")
+    g.add_argument("--noise-levels", type=_noise_levels, default=None, dest="noise_levels",
+                   help="several noise levels, e.g. 0.2,0.3,0.45: the map is the mean of their "
+                        "difference maps and their per-voxel spread is written as "
+                        "<case>_uncertainty.nii.gz (one counterfactual per level; 'none': "
+                        "the single --noise level)")
     g.add_argument("--steps", type=int, default=None, help="DDIM steps to the noise level")
+    g.add_argument("--edge-erosion", type=int, default=None, dest="edge_erosion",
+                   help="voxels of the brain's edge where the difference is set to 0 (the "
+                        "skull-stripping border is not a lesion); 0: none")
     g.add_argument("--threshold", default=None,
                    help="mask threshold on the difference: a number, 'auto' (the model's "
                         "recommended value) or 'otsu' (per volume)")
@@ -264,7 +282,10 @@ def _run_localize(args: argparse.Namespace) -> int:
                 "folder (outputs such as <case>_mask.nii.gz next to the inputs would be read "
                 "back as part of the case)"
             )
-        paths = output_paths(out, case.name, choice.spec.modalities, args.all_channels)
+        levels = args.noise_levels if args.noise_levels is not None else \
+            choice.spec.inference.noise_levels
+        paths = output_paths(out, case.name, choice.spec.modalities, args.all_channels,
+                             uncertainty=bool(levels))
         if args.resume:
             state, why = _resume_state(args, case, choice, paths)
             if state:

@@ -33,8 +33,11 @@ inverse of the decoding step (one extra network call per iteration and step).
 
 Dynamic normalisation (Imagen-style thresholding, the paper's rule) is applied to the predicted
 ``x_0`` at every *decoding* step, and eps is then re-derived from the normalised ``x_0`` (as the
-reference code, built on guided-diffusion, does). It is never applied during inversion: inversion
-must stay the inverse of unnormalised decoding so that the round trip is exact.
+reference code, built on guided-diffusion, does). By default it is not applied during inversion,
+so that inversion stays the inverse of unnormalised decoding; the reference code applies it
+during inversion too, which ``inversion_normalisation=True`` does (except at the first step,
+from the clean image, where there is no predicted ``x_0`` to normalise). The two were measured
+against each other: see docs/benchmarks.md.
 
 All DDIM coefficient arithmetic is done on float32 tensors with float64 scalar coefficients,
 whatever autocast does to the network; only the network call runs under autocast.
@@ -374,7 +377,8 @@ def _iterate(
             x0 = torch.from_numpy(data[start:stop]).to(device)
             xt = yield from relay(
                 _invert_iter(model, x0, plan, alphas, null_label,
-                             settings.inversion_refinements, amp_dtype),
+                             settings.inversion_refinements, amp_dtype,
+                             bool(settings.inversion_normalisation)),
                 count("invert"),
             )
             del x0

@@ -95,26 +95,37 @@ def _invert_iter(
     null_label: int,
     refinements: int,
     amp_dtype: torch.dtype | None,
+    normalise: bool = False,
 ) -> Generator[None, None, torch.Tensor]:
     ab = _alphas(alphas_cumprod)
     plan = _check_plan(plan, ab)
     x = x0.float()
+
+    def up(x: torch.Tensor, eps: torch.Tensor, a: float, b: float) -> torch.Tensor:
+        if normalise and a < 1.0:  # the reference's rule: normalise the predicted x0 first
+            sa, s1a = math.sqrt(a), math.sqrt(1.0 - a)
+            x0_pred = dynamic_normalise((x - s1a * eps) / sa)
+            eps = (x - sa * x0_pred) / s1a
+            return math.sqrt(b) * x0_pred + math.sqrt(1.0 - b) * eps
+        c1, c2 = _coefficients(a, b)
+        return c1 * x + c2 * eps
+
     labels = torch.full((x.shape[0],), int(null_label), dtype=torch.long, device=x.device)
     # The clean image is level alpha_bar = 1; the network sees it at its lowest timestep, 0.
     levels = [1.0] + [float(ab[t]) for t in plan]
     net_t = [0] + plan
     for i in range(len(plan)):
-        c1, c2 = _coefficients(levels[i], levels[i + 1])
+        a, b = levels[i], levels[i + 1]
         with torch.inference_mode():
             eps = _network(predictor, x, net_t[i], labels, amp_dtype)
-            x_next = c1 * x + c2 * eps
+            x_next = up(x, eps, a, b)
         yield
         for _ in range(refinements):
             # Fixed point of x_next = c1 x + c2 eps(x_next, t_next): the exact inverse of the
             # decoding step, which predicts eps at x_next.
             with torch.inference_mode():
                 eps = _network(predictor, x_next, net_t[i + 1], labels, amp_dtype)
-                x_next = c1 * x + c2 * eps
+                x_next = up(x, eps, a, b)
             yield
         x = x_next
     return x
@@ -189,10 +200,13 @@ def invert(
     null_label: int = NULL,
     refinements: int = 0,
     amp_dtype: torch.dtype | None = None,
+    normalise: bool = False,
 ) -> torch.Tensor:
-    """DDIM inversion (eta = 0) of clean ``x0`` through the levels of ``plan``; returns x_{t_K}."""
+    """DDIM inversion (eta = 0) of clean ``x0`` through the levels of ``plan``; returns x_{t_K}.
+    ``normalise``: dynamic normalisation of the predicted x0 at each step (the reference's)."""
     return drain(
-        _invert_iter(predictor, x0, plan, alphas_cumprod, null_label, refinements, amp_dtype)
+        _invert_iter(predictor, x0, plan, alphas_cumprod, null_label, refinements, amp_dtype,
+                     normalise)
     )
 
 

@@ -20,9 +20,11 @@ def output_paths(
     case: str,
     modalities: Sequence[str] = (),
     all_channels: bool = False,
+    uncertainty: bool = False,
 ) -> dict[str, Path]:
     """Where :func:`write_outputs` writes a case: keys ``healthy``, ``difference``, ``mask``,
-    ``provenance`` and, with ``all_channels``, ``healthy_<modality>`` for every channel."""
+    ``provenance``, with ``all_channels`` ``healthy_<modality>`` for every channel, and with
+    ``uncertainty`` (a run over several noise levels) ``uncertainty``."""
     out = Path(out_dir)
     paths = {
         "healthy": out / f"{case}_healthy.nii.gz",
@@ -33,13 +35,16 @@ def output_paths(
     if all_channels:
         for m in modalities:
             paths[f"healthy_{m}"] = out / f"{case}_healthy_{m}.nii.gz"
+    if uncertainty:
+        paths["uncertainty"] = out / f"{case}_uncertainty.nii.gz"
     return paths
 
 
 def output_bytes(paths: dict[str, Path], voxels: int) -> int:
     """An upper bound on the bytes :func:`write_outputs` writes for a source grid of ``voxels``
     voxels (float32 maps and a uint8 mask, before compression), for the free-space check."""
-    floats = sum(1 for key in paths if key.startswith("healthy") or key == "difference")
+    floats = sum(1 for key in paths
+                 if key.startswith("healthy") or key in ("difference", "uncertainty"))
     return voxels * (4 * floats + 1) + 64 * 1024
 
 
@@ -84,7 +89,8 @@ def write_outputs(
     from .volume import on_source_grid
 
     case = case or volume.name
-    paths = output_paths(out_dir, case, result.modalities, all_channels)
+    paths = output_paths(out_dir, case, result.modalities, all_channels,
+                         uncertainty=result.uncertainty is not None)
     protected = (*volume.input_paths, *inputs)
     check_outputs(paths, protected, overwrite)
     arrays: list[tuple[str, np.ndarray, type]] = [
@@ -95,6 +101,8 @@ def write_outputs(
     for i, m in enumerate(result.modalities):
         if f"healthy_{m}" in paths:
             arrays.append((f"healthy_{m}", result.healthy[i], np.float32))
+    if result.uncertainty is not None:
+        arrays.append(("uncertainty", result.uncertainty, np.float32))
     with OutputSet(protected, overwrite) as outputs:
         digests: dict[str, str] = {}
         for key, array, dtype in arrays:
