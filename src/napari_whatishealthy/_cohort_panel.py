@@ -242,7 +242,16 @@ class CohortPanel(QWidget):
         kwargs.update(name=f"{entry.name} mask", metadata=metadata, opacity=0.6, visible=True)
         self.mask_layer = self._add((np.rint(data).astype(np.uint8), kwargs, "labels"))
         self.mask_layer.events.paint.connect(self._on_painted)
-        self.lesion_table.bind(self.mask_layer, np.asarray(images["difference"].data))
+        uncertainty = None
+        spread = entry.outputs["mask"].with_name(f"{entry.name}_uncertainty.nii.gz")
+        if spread.exists():  # a run over several noise levels wrote one
+            ((data, kwargs, _),) = read_nifti_file(spread)
+            kwargs.update(name=f"{entry.name} uncertainty", visible=False, colormap="viridis",
+                          blending="additive")
+            kwargs["metadata"] = {**kwargs["metadata"], "role": "uncertainty"}
+            uncertainty = np.asarray(self._add((data, kwargs, "image")).data)
+        self.lesion_table.bind(self.mask_layer, np.asarray(images["difference"].data),
+                               uncertainty)
 
     # Autosave -----------------------------------------------------------------------------------
     def _on_painted(self, *_: Any) -> None:
