@@ -253,7 +253,8 @@ def _run_localize(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .core.cases import choose_for_case, collect_cases
-    from .core.pipeline import check_memory, check_outputs, output_paths, write_outputs
+    from .core.pipeline import check_memory
+    from .core.results import check_outputs, output_paths, write_outputs
     from .core.sharding import current_shard
     from .core.steps import drain
 
