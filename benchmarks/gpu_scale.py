@@ -9,7 +9,8 @@ large for the GPU does (same run, same GPU).
 
 Environment: ``DEVICE`` (default ``cuda``), ``QUICK=1`` (tiny model, tiny phantoms),
 ``BUDGET`` (seconds, default 50: rows that would start after it are skipped and say so),
-``CASES`` (phantom cases, default 8).
+``CASES`` (phantom cases, default 8), ``BUILD_CASES`` (cases of the 1-vs-2-process store
+build, default 32: the phantoms again under new names).
 
 Data: phantom cases (benchmarks/_cohort.py: ellipsoid brains with lesion blobs, 120 x 120 x 78,
 the BraTS field of view at 2 mm), made in the run; the slice store is built from them with all
@@ -40,6 +41,7 @@ QUICK = os.environ.get("QUICK", "0") == "1"
 DEVICE = os.environ.get("DEVICE", "cuda")
 BUDGET_S = float(os.environ.get("BUDGET", "50"))
 CASES = int(os.environ.get("CASES", "4" if QUICK else "8"))
+BUILD_CASES = int(os.environ.get("BUILD_CASES", "8" if QUICK else "32"))
 T0 = time.perf_counter()
 
 
@@ -91,8 +93,9 @@ def main() -> int:
 
     if DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("DEVICE=cuda but torch sees no CUDA GPU; run with DEVICE=cpu QUICK=1 to test")
-    gpu = torch.cuda.get_device_name(0) if DEVICE.startswith("cuda") else platform.processor() or "cpu"
-    print(f"device: {DEVICE} ({gpu}), torch {torch.__version__}, python "
+    # The GPU's name after the stores are built: CUDA is not started before the build's
+    # workers are forked.
+    print(f"device: {DEVICE}, torch {torch.__version__}, python "
           f"{platform.python_version()}, {os.cpu_count()} CPU cores"
           + (", QUICK=1 (tiny model and phantoms: a smoke test)" if QUICK else ""), flush=True)
     sizes = (16, 32) if QUICK else (64, 128)
@@ -108,6 +111,20 @@ def main() -> int:
         cases = discover_cases(work / "data")
         print(f"{CASES} phantom cases {shape[0]}x{shape[1]}x{shape[2]} made in "
               f"{time.perf_counter() - t:.1f} s", flush=True)
+        # The store build with 1 and 2 processes on an unshared machine (issue 13's target:
+        # >= 1.7x), on BUILD_CASES cases (the phantoms again under new names), 64 px.
+        build_cases = make_cohort(work / "build", BUILD_CASES, shape=shape, unique=CASES)
+        for path in (work / "build").rglob("*.nii.gz"):
+            path.read_bytes()  # both builds find the files in the file cache
+        build_s = {}
+        for workers in (1, 2):
+            t = time.perf_counter()
+            open_or_build(work / f"build-store-{workers}", build_cases,
+                          Preprocessing(sizes[0], MODALITIES), workers=workers,
+                          log=lambda *_: None, show_progress=False)
+            build_s[workers] = time.perf_counter() - t
+        print(f"store build, {BUILD_CASES} cases at {sizes[0]} px: 1 process {build_s[1]:.2f} s, "
+              f"2 processes {build_s[2]:.2f} s: {build_s[1] / build_s[2]:.2f}x", flush=True)
         stores = {}
         for size in sizes:
             t = time.perf_counter()
@@ -118,6 +135,8 @@ def main() -> int:
             print(f"slice store {size} px: {len(store)} slices, {store.nbytes / 2**20:.1f} MiB, "
                   f"built in {time.perf_counter() - t:.1f} s with {default_workers()} processes",
                   flush=True)
+        if DEVICE.startswith("cuda"):
+            print(f"GPU: {torch.cuda.get_device_name(0)}", flush=True)
         plan = [(s, b, False) for s in sizes for b in batches] + [(sizes[0], batches[-1], True)]
         for size, batch, streamed in plan:
             label = f"{size} px, batch {batch}" + (", streamed from the store" if streamed else "")

@@ -11,12 +11,10 @@ from scipy import ndimage
 
 from napari_whatishealthy.core.anomaly import (
     difference_maps,
-    erode_mask,
     healthy_percentile_threshold,
     make_mask,
     median_smooth,
     otsu_threshold,
-    restrict_to,
 )
 from napari_whatishealthy.core.errors import WhatIsHealthyError
 
@@ -58,19 +56,6 @@ def test_median_smooth_per_slice_and_3d() -> None:
     np.testing.assert_array_equal(median_smooth(vol, 3, slice_axis=None),
                                   ndimage.median_filter(vol, size=3))
     np.testing.assert_array_equal(median_smooth(vol, 1), vol)
-
-
-def test_restrict_and_erode() -> None:
-    values = np.arange(16, dtype=np.float32).reshape(4, 4)
-    brain = np.zeros((4, 4), bool)
-    brain[1:3, 1:3] = True
-    out = restrict_to(values, brain)
-    assert out[1, 1] == 5 and out[0, 0] == 0 and out.sum() == 5 + 6 + 9 + 10
-    big = np.zeros((7, 7, 7), bool)
-    big[1:6, 1:6, 1:6] = True
-    assert erode_mask(big, 1).sum() == 27
-    with pytest.raises(WhatIsHealthyError):
-        restrict_to(values, brain[:2])
 
 
 def test_make_mask_known_map() -> None:

@@ -119,3 +119,30 @@ def test_synth_slices_equal_the_slices_train_makes_from_the_synth_files(tmp_path
         assert fast.cases == ref.cases
         assert np.array_equal(fast.labels, ref.labels) and (fast.labels == 1).any()
         assert np.array_equal(fast.slices, ref.slices)
+
+
+def test_gpu_scale_quick_on_cpu_prints_every_row():
+    env = dict(os.environ, DEVICE="cpu", QUICK="1", BUDGET="600", OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(BENCHMARKS / "gpu_scale.sh")], capture_output=True,
+                          text=True, env=dict(env, PYTHON=sys.executable), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _table_rows(proc.stdout)
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("16", "8", "store, streamed per batch"), ("16", "16", "store, streamed per batch"),
+        ("32", "8", "store, streamed per batch"), ("32", "16", "store, streamed per batch"),
+        ("16", "16", "store, streamed per batch")]
+    assert all(float(r[3]) > 0 for r in rows)
+    assert "streamed / default steps/s at 16 px, batch 16:" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith("gpu_scale_rows [")
+
+
+@pytest.mark.gui
+def test_review_tiny_prints_the_table_with_its_reference():
+    out = _run(BENCHMARKS / "review.py", "--tiny")
+    lines = out.splitlines()
+    rows = {line[:58].strip(): line[58:].split() for line in lines
+            if line[:58].strip().startswith(("first run", "second run", "threshold", "reference"))}
+    assert "reference: core remask alone (median)" in rows
+    assert "threshold update incl. redraw (median)" in rows
+    assert rows["threshold update (median of moves)"][1] == "30"  # the target is printed
+    assert all(float(values[0]) > 0 for values in rows.values())

@@ -55,7 +55,6 @@ class LocalizeWidget(ModelChoice, RunHandlers, ResultHandlers, SettingsHandlers,
         self._job_context: dict[str, Any] | None = None
         self._cancel_requested = False
         self._started = 0.0
-        self._stale = False
         self._mask_layer = None
         self._modality_combos: dict[str, QComboBox] = {}
         self._input_cache = InputCache()  # the stacked, prepared inputs of the last run

@@ -190,7 +190,6 @@ class ResultSession:
     reference_channel: int = 0
     overrides: np.ndarray | None = None
     displayed: np.ndarray | None = None
-    started: float = field(default_factory=time.time)
     _auprc_cache: dict[Any, float] = field(default_factory=dict)
 
     @property

@@ -24,7 +24,6 @@ __all__ = [
     "make_mask",
     "median_smooth",
     "otsu_threshold",
-    "restrict_to",
 ]
 
 
@@ -69,20 +68,9 @@ def median_smooth(values: np.ndarray, size: int, slice_axis: int | None = -1) ->
     return ndimage.median_filter(values, size=footprint)
 
 
-def restrict_to(values: np.ndarray, brain_mask: np.ndarray, fill: float = 0.0) -> np.ndarray:
-    """A copy of ``values`` with everything outside ``brain_mask`` set to ``fill``."""
-    values = np.asarray(values)
-    brain = np.asarray(brain_mask, dtype=bool)
-    if brain.shape != values.shape:
-        raise WhatIsHealthyError(
-            f"the brain mask {brain.shape} does not match the map {values.shape}"
-        )
-    return np.where(brain, values, np.asarray(fill, dtype=values.dtype))
-
-
 def erode_mask(mask: np.ndarray, voxels: int = 1) -> np.ndarray:
-    """Binary erosion by ``voxels`` (face connectivity): the peers restrict scores to an eroded
-    brain mask so that the skull-stripping border does not count as anomaly."""
+    """Binary erosion by ``voxels`` (face connectivity, outside = background): the brain less its
+    edge, where the peers do not score (the skull-stripping border is not a lesion)."""
     mask = np.asarray(mask, dtype=bool)
     if voxels <= 0:
         return mask.copy()

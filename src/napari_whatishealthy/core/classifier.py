@@ -63,7 +63,6 @@ __all__ = [
     "build_classifier",
     "check_compatible",
     "classifier_gradient",
-    "clear_classifier_cache",
     "load_classifier",
     "load_classifier_cached",
     "load_classifier_spec",
@@ -306,10 +305,6 @@ def load_classifier_cached(
 
     return _cache.get(resolve_classifier(path), resolve_device(device),
                       lambda folder, dev: load_classifier(folder, device=dev))
-
-
-def clear_classifier_cache() -> None:
-    _cache.clear()
 
 
 # --------------------------------------------------------------------------------------------

@@ -274,28 +274,13 @@ def _threshold_for(case: CaseScores, method: str, name: str, chosen: dict) -> fl
     return entry["value"]
 
 
-def summarise(
-    cases: Sequence[CaseScores],
-    settings: LocalizeSettings,
-    calibration: Sequence[CaseScores] | None = None,
-    calibration_name: str | None = None,
-) -> dict[str, Any]:
-    """Per-case and pooled metrics at the three thresholds for both methods (JSON-able)."""
-    if not cases:
-        raise WhatIsHealthyError("no cases to evaluate")
-    chosen = _choose_thresholds(cases, calibration, settings, calibration_name)
-    groups: dict[str, list[int]] = {"all": list(range(len(cases)))}
-    for i, c in enumerate(cases):
-        groups.setdefault(c.kind, []).append(i)
+Counts = dict[str, dict[str, list[tuple[int, int, int, int] | None]]]
 
-    # counts[method][threshold][case] = (tp, fp, fn, flagged)
-    counts: dict[str, dict[str, list[tuple[int, int, int, int] | None]]] = {}
-    per_case: list[dict[str, Any]] = []
-    for c in cases:
-        per_case.append({
-            "name": c.name, "kind": c.kind, "lesion_voxels": c.lesion_voxels,
-            "brain_voxels": c.brain_voxels, "seconds": c.seconds, "warnings": c.warnings,
-        })
+
+def _counts(cases: Sequence[CaseScores], chosen: dict, settings: LocalizeSettings) -> Counts:
+    """counts[method][threshold][case] = (tp, fp, fn, flagged); None where a case has no
+    threshold of that kind."""
+    counts: Counts = {}
     for method in METHODS:
         counts[method] = {}
         for name in THRESHOLDS:
@@ -311,6 +296,17 @@ def summarise(
                 fn = int(np.count_nonzero(~pred & c.truth))
                 row.append((tp, fp, fn, tp + fp))
             counts[method][name] = row
+    return counts
+
+
+def _per_case(cases: Sequence[CaseScores], counts: Counts, chosen: dict) -> list[dict[str, Any]]:
+    per_case: list[dict[str, Any]] = []
+    for c in cases:
+        per_case.append({
+            "name": c.name, "kind": c.kind, "lesion_voxels": c.lesion_voxels,
+            "brain_voxels": c.brain_voxels, "seconds": c.seconds, "warnings": c.warnings,
+        })
+    for method in METHODS:
         for i, c in enumerate(cases):
             has_lesion = c.lesion_voxels > 0
             r = rank_scores(c.scores[method], c.truth) if has_lesion else None
@@ -330,39 +326,41 @@ def summarise(
                 entry["flagged_fraction"][name] = flagged / max(c.brain_voxels, 1)
                 entry["volume_ratio"][name] = flagged / c.lesion_voxels if has_lesion else None
             per_case[i][method] = entry
+    return per_case
 
-    pooled: dict[str, dict[str, Any]] = {}
-    for method in METHODS:
-        pooled[method] = {}
-        for group, members in groups.items():
-            sub = [cases[i] for i in members]
-            scores, truth = _pooled(sub, method)
-            has_lesion = bool(truth.any())
-            r = rank_scores(scores, truth) if has_lesion else None
-            brain_voxels = int(truth.size)
-            g: dict[str, Any] = {
-                "cases": len(sub),
-                "lesion_voxels": int(truth.sum()),
-                "brain_voxels": brain_voxels,
-                "auroc": _none_if_nan(auroc(r)) if r is not None else None,
-                "auprc": _none_if_nan(auprc(r)) if r is not None else None,
-                "dice": {}, "flagged_fraction": {}, "volume_ratio": {},
-            }
-            for name in THRESHOLDS:
-                rows = [counts[method][name][i] for i in members]
-                if any(x is None for x in rows):
-                    g["dice"][name] = g["flagged_fraction"][name] = g["volume_ratio"][name] = None
-                    continue
-                tp, fp, fn, flagged = (sum(x[k] for x in rows) for k in range(4))  # type: ignore[index]
-                g["dice"][name] = 2 * tp / (2 * tp + fp + fn) if has_lesion else None
-                g["flagged_fraction"][name] = flagged / max(brain_voxels, 1)
-                # Predicted / true lesion volume over the group's lesion cases (1 = right size).
-                lesion_rows = [counts[method][name][i] for i in members if cases[i].lesion_voxels]
-                g["volume_ratio"][name] = (sum(x[3] for x in lesion_rows) / int(truth.sum())  # type: ignore[index]
-                                           if has_lesion else None)
-            pooled[method][group] = g
 
-    controls = [i for i, c in enumerate(cases) if c.lesion_voxels == 0]
+def _pooled_group(cases: Sequence[CaseScores], members: list[int], method: str,
+                  counts: Counts) -> dict[str, Any]:
+    sub = [cases[i] for i in members]
+    scores, truth = _pooled(sub, method)
+    has_lesion = bool(truth.any())
+    r = rank_scores(scores, truth) if has_lesion else None
+    brain_voxels = int(truth.size)
+    g: dict[str, Any] = {
+        "cases": len(sub),
+        "lesion_voxels": int(truth.sum()),
+        "brain_voxels": brain_voxels,
+        "auroc": _none_if_nan(auroc(r)) if r is not None else None,
+        "auprc": _none_if_nan(auprc(r)) if r is not None else None,
+        "dice": {}, "flagged_fraction": {}, "volume_ratio": {},
+    }
+    for name in THRESHOLDS:
+        rows = [counts[method][name][i] for i in members]
+        if any(x is None for x in rows):
+            g["dice"][name] = g["flagged_fraction"][name] = g["volume_ratio"][name] = None
+            continue
+        tp, fp, fn, flagged = (sum(x[k] for x in rows) for k in range(4))  # type: ignore[index]
+        g["dice"][name] = 2 * tp / (2 * tp + fp + fn) if has_lesion else None
+        g["flagged_fraction"][name] = flagged / max(brain_voxels, 1)
+        # Predicted / true lesion volume over the group's lesion cases (1 = right size).
+        lesion_rows = [counts[method][name][i] for i in members if cases[i].lesion_voxels]
+        g["volume_ratio"][name] = (sum(x[3] for x in lesion_rows) / int(truth.sum())  # type: ignore[index]
+                                   if has_lesion else None)
+    return g
+
+
+def _healthy_flagged(cases: Sequence[CaseScores], controls: list[int],
+                     counts: Counts) -> dict[str, Any]:
     healthy_flagged: dict[str, Any] = {}
     for method in METHODS:
         healthy_flagged[method] = {}
@@ -374,6 +372,28 @@ def summarise(
             flagged = sum(x[3] for x in rows)  # type: ignore[index]
             total = sum(cases[i].brain_voxels for i in controls)
             healthy_flagged[method][name] = flagged / max(total, 1)
+    return healthy_flagged
+
+
+def summarise(
+    cases: Sequence[CaseScores],
+    settings: LocalizeSettings,
+    calibration: Sequence[CaseScores] | None = None,
+    calibration_name: str | None = None,
+) -> dict[str, Any]:
+    """Per-case and pooled metrics at the three thresholds for both methods (JSON-able)."""
+    if not cases:
+        raise WhatIsHealthyError("no cases to evaluate")
+    chosen = _choose_thresholds(cases, calibration, settings, calibration_name)
+    groups: dict[str, list[int]] = {"all": list(range(len(cases)))}
+    for i, c in enumerate(cases):
+        groups.setdefault(c.kind, []).append(i)
+    counts = _counts(cases, chosen, settings)
+    per_case = _per_case(cases, counts, chosen)
+    pooled = {method: {group: _pooled_group(cases, members, method, counts)
+                       for group, members in groups.items()} for method in METHODS}
+    controls = [i for i, c in enumerate(cases) if c.lesion_voxels == 0]
+    healthy_flagged = _healthy_flagged(cases, controls, counts)
     return {
         "thresholds": chosen,
         "pooled": pooled,

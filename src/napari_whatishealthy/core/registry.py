@@ -18,7 +18,6 @@ import torch
 
 from .checkpoint_cache import CheckpointCache
 from .device import resolve_device
-from .errors import WhatIsHealthyError
 from .model import (
     SPEC_FILE,
     WEIGHTS_FILE,
@@ -37,7 +36,6 @@ __all__ = [
     "MODELS_DIR",
     "bundled_models",
     "clear_model_cache",
-    "describe_model",
     "is_checkpoint",
     "load_model_cached",
     "resolve_model",
@@ -114,18 +112,3 @@ def load_model_cached(
 
 def clear_model_cache() -> None:
     _cache.clear()
-
-
-def describe_model(path: str | Path | None = None) -> str:
-    """One line naming a model for messages: name, folder, image size and modalities."""
-    try:
-        folder = resolve_model(path)
-    except WhatIsHealthyError as exc:
-        return str(exc)
-    from .model import load_spec
-
-    spec = load_spec(folder)
-    return (
-        f"{spec.name} ({folder}): {spec.image_size}x{spec.image_size}, "
-        f"channels {', '.join(spec.modalities)}"
-    )

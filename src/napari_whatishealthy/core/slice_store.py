@@ -478,6 +478,14 @@ def _build(store: Path, case_dirs: list[Path], prep: Preprocessing, old_index: d
         f"{time.time() - started:.1f} s with {workers} process(es)")
 
 
+def _holds_threads() -> bool:
+    """Whether this process runs CUDA or torch.distributed (threads that fork must not copy)."""
+    import torch
+
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return bool(torch.cuda.is_initialized() or initialised)
+
+
 def _npy_header(rows: int, row_shape: tuple[int, ...], dtype: np.dtype) -> bytes:
     """An .npy (version 2.0) header of fixed length whatever ``rows`` is, so that it can be
     written before the row count is known and rewritten in place after."""
@@ -513,8 +521,11 @@ def _prepare_parts(todo: list[tuple[int, Path, Path]], prep: Preprocessing, work
 
         # fork on Linux: workers start at once with the modules already imported (a fresh
         # interpreter per worker costs ~2 s of imports, which ate the gain on small cohorts).
-        # Workers use one torch thread and no GPU, which is what makes forking safe here.
-        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        # Workers use one torch thread and no GPU, which is what makes forking safe here; a
+        # process that already holds CUDA or a process group (a DDP rank 0) starts clean
+        # workers from a fork server instead.
+        method = "fork" if sys.platform.startswith("linux") and not _holds_threads() else (
+            "forkserver" if sys.platform.startswith("linux") else "spawn")
         context = multiprocessing.get_context(method)
         with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
             futures = {pool.submit(_build_part, *a): i for i, a in args.items()}
