@@ -121,11 +121,7 @@ def main() -> int:
     if "--compile-row" in sys.argv:
         print(json.dumps(compile_row()))
         return 0
-    from napari_whatishealthy.core.counterfactual import (
-        counterfactual,
-        default_batch_size,
-        timestep_plan,
-    )
+    from napari_whatishealthy.core.counterfactual import counterfactual, describe_inference, timestep_plan
     from napari_whatishealthy.core.pipeline import LocalizeSettings, localize, prepare_input
 
     if DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -136,9 +132,8 @@ def main() -> int:
     model, spec, description = load_model()
     data = load_volume()
     settings = LocalizeSettings.from_spec(spec, device=DEVICE)
-    batch = settings.batch_size or default_batch_size(DEVICE)
     print(f"model: {description}; settings: L={settings.noise_level}, {settings.steps}+{settings.steps} "
-          f"steps, guidance {settings.guidance}, amp {settings.amp}, batch {batch} per chunk, channels-last")
+          f"steps, guidance {settings.guidance}; network: {describe_inference(DEVICE, settings)}")
     repeats = 1 if QUICK else 3
     rows: list[tuple[str, str, float | None, str]] = []  # (name, s per volume, note)
 
@@ -152,7 +147,7 @@ def main() -> int:
     centre = int(prepared.slice_index[n_brain // 2])
     preview_s, _ = _timed(lambda: localize(model, spec, data, settings, z_slices=[centre],
                                            prepared=prepared), repeats)
-    rows.append(("pipeline (bf16 autocast, channels-last)", f"{n_brain}", volume_s,
+    rows.append(("pipeline (default settings)", f"{n_brain}", volume_s,
                  f"network {network_s:.3f} s, preparing {prepare_s:.3f} s, rest "
                  f"{max(0.0, volume_s - network_s - prepare_s):.3f} s; one-slice preview "
                  f"(volume prepared) {preview_s:.3f} s"))

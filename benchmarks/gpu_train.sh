@@ -13,7 +13,9 @@
 # Settings (environment): TRAIN_SECONDS (270) training wall clock per model; CASES (192) cases
 # planned; SYNTH_SECONDS (70) synthesis deadline (cases finished by then are used); WORKERS
 # (nproc) synthesis processes; BATCH (256); LR (3e-4); WARMUP (200); DEVICE (cuda); SEED (100);
-# VOXEL (1.0 mm). The package is used from $PYTHONPATH (src/ if unset); nothing is installed.
+# VOXEL (1.0 mm); EVAL_SECONDS (100; 0 = no evaluation) and EVAL_Z_STRIDE (2) for the
+# evaluation after training (tables on stdout only). The package is used from $PYTHONPATH
+# (src/ if unset); nothing is installed.
 # SIGTERM/SIGINT stop both runs, which save their EMA weights first; the files are still copied.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +33,8 @@ WARMUP="${WARMUP:-200}"
 DEVICE="${DEVICE:-cuda}"
 SEED="${SEED:-100}"
 VOXEL="${VOXEL:-1.0}"
+EVAL_SECONDS="${EVAL_SECONDS:-100}"
+EVAL_Z_STRIDE="${EVAL_Z_STRIDE:-2}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_train.XXXXXX")"
 echo "gpu_train: work $WORK, out $OUT, device $DEVICE, $TRAIN_SECONDS s, batch $BATCH, lr $LR"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
@@ -40,6 +44,17 @@ t0=$(date +%s)
     --seconds "$SYNTH_SECONDS" --voxel-size "$VOXEL" \
     --model default:flair,t1,t1ce,t2 --model flair:flair || exit 1
 echo "gpu_train: synthesis took $(( $(date +%s) - t0 )) s"
+
+# Held-out cases for the evaluation after training (calibration seed 2000, test seed 1000: the
+# cases `whatishealthy synth` makes with those seeds), made on spare cores while the GPU trains.
+if [ "$EVAL_SECONDS" != "0" ]; then
+    ( "$PY" benchmarks/synth_slices.py "$WORK/eval/calib" --eval-cases --cases 8 --seed 2000 \
+          --workers $(( WORKERS > 6 ? WORKERS / 2 - 2 : 1 )) --seconds 200 --voxel-size "$VOXEL"
+      "$PY" benchmarks/synth_slices.py "$WORK/eval/test" --eval-cases --cases 16 --seed 1000 \
+          --workers $(( WORKERS > 6 ? WORKERS / 2 - 2 : 1 )) --seconds 200 --voxel-size "$VOXEL"
+    ) > "$WORK/eval_synth.log" 2>&1 &
+    eval_synth=$!
+fi
 
 minutes=$("$PY" -c "print($TRAIN_SECONDS / 60)")
 pids=()
@@ -66,5 +81,31 @@ for name in default flair; do
     done
 done
 ls -l "$OUT"/default "$OUT"/flair
+echo "gpu_train: training done in $(( $(date +%s) - t0 )) s"
+
+# Evaluation (printed to stdout only): the bundled and the new weights of both models on the
+# held-out cases, every option of benchmarks/score_options.py, thresholds from the calibration
+# cases applied to the test cases, the FLAIR baseline beside. EVAL_SECONDS=0 skips it.
+if [ "$EVAL_SECONDS" != "0" ]; then
+    wait "$eval_synth"; cat "$WORK/eval_synth.log"
+    half=$("$PY" -c "print(int($EVAL_SECONDS) * 2 // 5)")
+    rest=$("$PY" -c "print(int($EVAL_SECONDS) - int($EVAL_SECONDS) * 2 // 5 - 10)")
+    evals=()
+    for model in default flair "$WORK/default/checkpoint" "$WORK/flair/checkpoint"; do
+        tag=$(echo "$model" | sed "s#$WORK/##; s#/checkpoint#-new#")
+        ( OMP_NUM_THREADS=2 "$PY" benchmarks/score_options.py "$WORK/eval/calib" --model "$model" \
+              --device "$DEVICE" --z-stride "$EVAL_Z_STRIDE" --cache "$WORK/cache-$tag" \
+              --write-thresholds "$WORK/thr-$tag.json" --seconds "$half" > "$WORK/eval-$tag-calib.txt" 2>&1
+          OMP_NUM_THREADS=2 "$PY" benchmarks/score_options.py "$WORK/eval/test" --model "$model" \
+              --device "$DEVICE" --z-stride "$EVAL_Z_STRIDE" --cache "$WORK/cache-$tag" \
+              --thresholds "$WORK/thr-$tag.json" --seconds "$rest" > "$WORK/eval-$tag-test.txt" 2>&1
+        ) &
+        evals+=($!)
+    done
+    wait "${evals[@]}"
+    for f in "$WORK"/eval-*-calib.txt "$WORK"/eval-*-test.txt; do
+        echo; echo "=== $(basename "$f" .txt) ==="; grep -v "^# " "$f" || true; grep "^# .*budget" "$f" || true
+    done
+fi
 echo "gpu_train: done in $(( $(date +%s) - t0 )) s"
 exit $status

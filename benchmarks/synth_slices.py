@@ -53,6 +53,34 @@ def case_slices(name: str, kind: str, case_seed: int, voxel_size: float,
     return out, asdict(info)
 
 
+def eval_case(name: str, kind: str, case_seed: int, voxel_size: float, out: str) -> str:
+    """One held-out case as ``out/<name>.npz`` (int16 images as the files store them, the
+    segmentation, its kind): what ``score_options.py`` reads without NIfTI files."""
+    from napari_whatishealthy.core.synthetic import make_case
+
+    images, seg, _, info = make_case(name, case_seed, kind, voxel_size)
+    stored = {m: np.rint(a).astype(np.int16) for m, a in images.items()}
+    np.savez(Path(out) / f"{name}.npz", **stored, seg=seg.astype(np.uint8), kind=kind, name=name)
+    return name
+
+
+def build_eval(out: Path, cases: int, seed: int, workers: int, seconds: float,
+               voxel_size: float = 1.0, prefix: str = "Synth") -> int:
+    """The cases of ``whatishealthy synth OUT --cases N --seed S`` as npz files, in parallel."""
+    from napari_whatishealthy.core.synthetic import plan_cases
+
+    out.mkdir(parents=True, exist_ok=True)
+    plan = plan_cases(cases, seed, 0.2, 0.3, prefix)
+    started = time.time()
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+        futures = [pool.submit(eval_case, name, kind, case_seed, voxel_size, str(out))
+                   for name, kind, case_seed in plan]
+        done, _ = wait(futures, timeout=seconds)
+    print(f"synth: {len(done)}/{cases} held-out cases (seed {seed}) in {out}, "
+          f"{time.time() - started:.0f} s", flush=True)
+    return len(done)
+
+
 def build(work: Path, cases: int, seed: int, workers: int, seconds: float,
           models: dict[str, tuple[str, ...]], size: int = 64, voxel_size: float = 1.0,
           healthy_fraction: float = 0.2, subtle_fraction: float = 0.3) -> int:
@@ -116,9 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=70.0, help="keep the cases finished by then")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--voxel-size", type=float, default=1.0)
-    p.add_argument("--model", action="append", required=True, metavar="NAME:MODALITIES",
+    p.add_argument("--model", action="append", default=[], metavar="NAME:MODALITIES",
                    help="e.g. default:flair,t1,t1ce,t2 (repeat per model)")
+    p.add_argument("--eval-cases", action="store_true",
+                   help="write held-out cases as WORK/<name>.npz (images, seg, kind) instead")
     args = p.parse_args(argv)
+    if args.eval_cases:
+        build_eval(args.work, args.cases, args.seed, args.workers, args.seconds, args.voxel_size)
+        return 0
+    if not args.model:
+        p.error("give --model NAME:MODALITIES (or --eval-cases)")
     models = {}
     for item in args.model:
         name, _, mods = item.partition(":")

@@ -14,6 +14,7 @@ model the script falls back to a tiny random model, prints a warning and stamps 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     from napari_whatishealthy.core.registry import bundled_models
 
     workdir = Path(tempfile.mkdtemp(prefix="wih-screenshots-"))
+    # napari's settings (and this plugin's saved defaults) fresh and temporary: the screenshots
+    # show the defaults, and the user's settings are never changed.
+    os.environ["NAPARI_CONFIG"] = str(workdir / "napari" / "settings.yaml")
     note = None
     model = args.model
     if model is None:
@@ -281,7 +285,7 @@ def cohort(app, out: Path, workdir: Path, model: str, device: str, note: str | N
     from napari_whatishealthy.core.synthetic import synthesise
 
     cases = workdir / "cohort"
-    synthesise(cases, 3, seed=11, voxel_size=2.0, healthy_fraction=0.0)
+    synthesise(cases, 3, seed=11, voxel_size=3.0, healthy_fraction=0.0)
     found = open_cohort(cases)
     for entry in found.cases[:2]:
         drain(run_case(found, entry, model=model, device=device))

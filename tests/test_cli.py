@@ -122,6 +122,24 @@ def test_train_init_from_a_model_that_does_not_fit_says_what_differs(capsys, syn
 # localize
 
 
+def test_localize_over_several_noise_levels_writes_the_uncertainty(capsys, tiny_checkpoint,
+                                                                    case_dirs, tmp_path):
+    case = case_dirs[0]
+    out = tmp_path / "out"
+    rc, _, err = run(capsys, "localize", case, "--out", out, "--model", tiny_checkpoint,
+                     "--noise-levels", "0.2,0.3", "--no-progress")
+    assert rc == 0, err
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted([p.name for p in outputs_of(case.name, out)]
+                             + [f"{case.name}_uncertainty.nii.gz"])
+    prov = json.loads((out / f"{case.name}_provenance.json").read_text())
+    assert prov["settings"]["noise_levels"] == [0.2, 0.3]
+    assert "uncertainty" in prov["output_sha256"]
+    rc, _, err = run(capsys, "localize", case, "--out", tmp_path / "x", "--model",
+                     tiny_checkpoint, "--noise-levels", "0.2,abc")
+    assert rc == 2 and "--noise-levels" in err
+
+
 def test_localize_a_case_folder(capsys, tiny_checkpoint, case_dirs, tmp_path):
     case = case_dirs[0]
     out = tmp_path / "out"

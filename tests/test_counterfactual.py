@@ -450,3 +450,21 @@ def test_dynamic_normalisation_rule() -> None:
     np.testing.assert_allclose(y[0, 0].numpy(), np.clip(x[0, 0].numpy(), -q, q) / q, rtol=1e-5)
     torch.testing.assert_close(y[0, 1], x[0, 1])
     assert y[1, 0, 0, 0] == 1.0 and torch.equal(y[1, 1], x[1, 1])
+
+
+def test_inversion_normalisation_changes_only_what_is_out_of_range():
+    """The reference's dynamic normalisation during inversion: a no-op while the predicted x0
+    stays in [-1, 1]; it pulls an out-of-range x0 (a lesion brighter than the brain's 99th
+    percentile) into range, and the re-derived eps carries the rest: the inverted noise differs."""
+    plan = timestep_plan(SCHEDULE, 0.3, 5)
+    gen = torch.Generator().manual_seed(0)
+    inside = (torch.rand(2, 1, 8, 8, generator=gen) * 1.6 - 0.8)
+    model = GaussianEps(s=0.5)
+    plain = invert(model, inside, plan, ALPHAS)
+    normalised = invert(model, inside, plan, ALPHAS, normalise=True)
+    assert torch.allclose(plain, normalised, atol=1e-5)
+    bright = inside.clone()
+    bright[:, :, 2:6, 2:6] = 3.0  # far above 1: the predicted x0 is clipped and rescaled
+    plain = invert(model, bright, plan, ALPHAS)
+    normalised = invert(model, bright, plan, ALPHAS, normalise=True)
+    assert (plain - normalised).abs().max() > 0.1

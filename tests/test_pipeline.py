@@ -406,3 +406,55 @@ def test_write_outputs_refuses_before_writing_and_cleans_up(tiny_checkpoint, cas
     with pytest.raises(InputError, match="mask.nii.gz: could not be written"):
         write_outputs(result, volume, out)
     assert list(out.iterdir()) == []  # the two files already written were removed
+
+
+def test_several_noise_levels_average_the_maps_and_write_their_spread(tiny_checkpoint, case_dirs,
+                                                                     tmp_path):
+    model, spec, _ = load_model_cached(tiny_checkpoint, "cpu")
+    volume = load_volume(case_dirs[0]).select(spec.modalities)
+    one = {lv: localize(model, spec, volume.data, LocalizeSettings.from_spec(spec, noise_level=lv))
+           for lv in (0.2, 0.4)}
+    assert one[0.2].uncertainty is None
+    steps = []
+    both = localize(model, spec, volume.data,
+                    LocalizeSettings.from_spec(spec, noise_levels=(0.2, 0.4)),
+                    progress_callback=steps.append)
+    np.testing.assert_allclose(both.difference, (one[0.2].difference + one[0.4].difference) / 2,
+                               atol=1e-5)
+    # The spread of two maps is half their distance; it is not zero where they disagree.
+    np.testing.assert_allclose(both.uncertainty,
+                               np.abs(one[0.2].difference - one[0.4].difference) / 2, atol=1e-5)
+    assert both.uncertainty.max() > 0
+    # Progress runs once over both counterfactuals and ends at its total.
+    assert [p.step for p in steps] == list(range(1, len(steps) + 1))
+    assert steps[-1].step == steps[-1].total
+    paths = write_outputs(both, volume, tmp_path)
+    assert paths["uncertainty"].name == f"{volume.name}_uncertainty.nii.gz"
+    written = nib.load(paths["uncertainty"]).get_fdata()
+    assert written.shape == volume.data.shape[1:] and written.max() > 0
+    assert "uncertainty" not in write_outputs(one[0.2], volume, tmp_path / "single")
+    with pytest.raises(WhatIsHealthyError, match="noise level must be in"):
+        LocalizeSettings.from_spec(spec, noise_levels=(0.2, 1.5))
+    with pytest.raises(WhatIsHealthyError, match="noise_levels must be a list of at most"):
+        LocalizeSettings.from_spec(spec, noise_levels=(0.1,) * 6)
+
+
+def test_edge_erosion_zeroes_the_brain_edge_and_nothing_else(tiny_checkpoint, case_dirs):
+    from napari_whatishealthy.core.anomaly import erode_mask
+
+    model, spec, _ = load_model_cached(tiny_checkpoint, "cpu")
+    data = load_volume(case_dirs[1]).select(spec.modalities).data
+    plain = localize(model, spec, data)
+    eroded = localize(model, spec, data, LocalizeSettings.from_spec(spec, edge_erosion=1))
+    inner = erode_mask(plain.brain, 1)
+    edge = plain.brain & ~inner
+    assert plain.difference[edge].max() > 0  # there was something on the edge to remove
+    assert not eroded.difference[edge].any()
+    np.testing.assert_allclose(eroded.difference[inner], plain.difference[inner], atol=1e-6)
+    # A one-slice preview erodes only a slab, with the same result on its slice.
+    z = int(plain.processed_slices[len(plain.processed_slices) // 2])
+    preview = localize(model, spec, data, LocalizeSettings.from_spec(spec, edge_erosion=1),
+                       z_slices=[z])
+    np.testing.assert_allclose(preview.difference[..., z], eroded.difference[..., z], atol=1e-4)
+    with pytest.raises(WhatIsHealthyError, match="edge_erosion"):
+        LocalizeSettings.from_spec(spec, edge_erosion=-1)

@@ -316,13 +316,20 @@ def test_radiological_view_and_the_mask_over_the_scan(make_napari_viewer, qtbot,
 
 
 def test_model_and_device_are_saved_and_restored(make_napari_viewer, lesion_case, tiny_checkpoint,
-                                                 plugin_settings_in_tmp):
+                                                 plugin_settings_in_tmp, monkeypatch):
     from napari.settings import get_plugin_settings
+    from qtpy.QtWidgets import QFileDialog
 
     viewer, widget = docked(make_napari_viewer, lesion_case, tiny_checkpoint)
-    widget.device_combo.setCurrentText("cpu")
     saved = get_plugin_settings(PLUGIN)
+    assert saved.run.model == "auto"  # set by code (a script, this test): not a user's choice
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory",
+                        staticmethod(lambda *args, **kwargs: str(tiny_checkpoint)))
+    widget.browse_button.click()  # the user chooses the checkpoint with Browse
+    widget.device_combo.setCurrentText("cpu")
+    widget.device_combo.activated.emit(widget.device_combo.currentIndex())  # ... and the CPU
     assert saved.run.model == str(tiny_checkpoint) and saved.run.device == "cpu"
+    assert saved.folders.checkpoint == str(tiny_checkpoint.parent)
     assert "device: cpu" in plugin_settings_in_tmp.read_text()  # written by napari
     # A new widget (a new session) starts from them.
     from napari_whatishealthy._widget import LocalizeWidget
@@ -332,7 +339,8 @@ def test_model_and_device_are_saved_and_restored(make_napari_viewer, lesion_case
     assert again.model_combo.currentData() == str(tiny_checkpoint)
     assert again.device_combo.currentText() == "cpu"
     # A bundled model is saved by name; a folder that is gone falls back to Automatic.
-    again.set_model(again.model_combo.itemData(1))  # the first bundled model
+    again.model_combo.setCurrentIndex(1)  # the user picks the first bundled model
+    again.model_combo.activated.emit(1)
     assert saved.run.model in ("default", "flair")
     saved.run.model = str(tiny_checkpoint / "missing")
     assert LocalizeWidget(widget.viewer).is_auto_model
@@ -479,3 +487,11 @@ def test_classifier_rows_are_shown_on_demand(make_napari_viewer, lesion_case, ti
     assert widget.classifier_edit.isHidden() and widget.classifier_scale.isHidden()
     widget.classifier_toggle.setChecked(True)
     assert not widget.classifier_edit.isHidden()
+
+
+def test_help_link_opens_the_user_guide(make_napari_viewer, lesion_case, tiny_checkpoint):
+    viewer, widget = docked(make_napari_viewer, lesion_case, tiny_checkpoint)
+    link = widget.help_label.text()
+    target = link.split('href="')[1].split('"')[0]
+    assert target.startswith("file://") and target.endswith("docs/user-guide.md")
+    assert Path(target[len("file://"):]).is_file() and widget.help_label.openExternalLinks()

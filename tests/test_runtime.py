@@ -24,3 +24,21 @@ def test_the_cli_sets_it_before_torch_is_imported():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "PASSIVE False"
+
+
+def test_training_autocast_on_a_cpu_follows_its_bf16_support(monkeypatch):
+    import torch
+
+    from napari_whatishealthy.core import hardware
+    from napari_whatishealthy.core.trainer import autocast
+
+    cpu = torch.device("cpu")
+    for flags, expected in ((("avx2", "avx512f"), False), (("avx512f", "avx512_bf16"), True)):
+        monkeypatch.setattr(hardware, "cpu_info",
+                            lambda flags=flags: hardware.CpuInfo("test", frozenset(flags), "AVX2", 2))
+        with autocast(cpu, "auto"):
+            assert torch.is_autocast_enabled("cpu") is expected, flags
+        with autocast(cpu, "on"):
+            assert torch.is_autocast_enabled("cpu")
+        with autocast(cpu, "off"):
+            assert not torch.is_autocast_enabled("cpu")

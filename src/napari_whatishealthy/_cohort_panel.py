@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from qtpy.QtCore import QEvent, QObject, QTimer
 from qtpy.QtWidgets import (
-    QApplication,
     QFileDialog,
     QHBoxLayout,
     QLabel,
@@ -243,7 +242,16 @@ class CohortPanel(QWidget):
         kwargs.update(name=f"{entry.name} mask", metadata=metadata, opacity=0.6, visible=True)
         self.mask_layer = self._add((np.rint(data).astype(np.uint8), kwargs, "labels"))
         self.mask_layer.events.paint.connect(self._on_painted)
-        self.lesion_table.bind(self.mask_layer, np.asarray(images["difference"].data))
+        uncertainty = None
+        spread = entry.outputs["mask"].with_name(f"{entry.name}_uncertainty.nii.gz")
+        if spread.exists():  # a run over several noise levels wrote one
+            ((data, kwargs, _),) = read_nifti_file(spread)
+            kwargs.update(name=f"{entry.name} uncertainty", visible=False, colormap="viridis",
+                          blending="additive")
+            kwargs["metadata"] = {**kwargs["metadata"], "role": "uncertainty"}
+            uncertainty = np.asarray(self._add((data, kwargs, "image")).data)
+        self.lesion_table.bind(self.mask_layer, np.asarray(images["difference"].data),
+                               uncertainty)
 
     # Autosave -----------------------------------------------------------------------------------
     def _on_painted(self, *_: Any) -> None:
@@ -346,20 +354,9 @@ class CohortPanel(QWidget):
 
     def stop_worker(self, timeout_s: float = 60.0) -> bool:
         """Quit the background runs and wait for the thread (the viewer is closing)."""
-        worker = self._worker
-        if worker is None:
-            return True
-        for signal in (worker.yielded, worker.returned, worker.errored, worker.aborted):
-            try:
-                signal.disconnect()
-            except (RuntimeError, TypeError):
-                pass
-        worker.quit()
-        deadline = time.monotonic() + timeout_s
-        while worker.is_running and time.monotonic() < deadline:
-            QApplication.processEvents()
-            time.sleep(0.01)
-        return not worker.is_running
+        from ._widget_run import stop_and_wait
+
+        return True if self._worker is None else stop_and_wait(self._worker, timeout_s)
 
     def _notify_error(self, message: str) -> None:
         from napari.utils.notifications import show_error

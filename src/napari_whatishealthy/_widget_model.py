@@ -55,6 +55,7 @@ class ModelChoice:
         if folder:
             self._remember_folder("checkpoint", Path(folder).parent)
             self.set_model(folder)
+            self._remember_model()
 
     def set_model(self, path: str | Path) -> None:
         """Select a checkpoint folder (added to the list if new), a bundled model's folder, or
@@ -81,7 +82,6 @@ class ModelChoice:
             self._set_modality_question(None)
             self._use_model(ref, None)
         self._update_run_enabled()
-        self._remember_model()
 
     def _use_model(self, ref: str | None, reason: str | None) -> None:
         """Load the spec of checkpoint ``ref`` (None: no model) and rebuild what depends on it."""

@@ -24,6 +24,25 @@ from .core.errors import WhatIsHealthyError
 log = logging.getLogger(__name__)
 
 
+
+def stop_and_wait(worker: Any, timeout_s: float) -> bool:
+    """Disconnect a napari thread worker's result signals, ask it to quit and wait (up to
+    ``timeout_s``, keeping the event loop running) until its thread has ended, so that nothing
+    emits into a closed window. Returns whether it has ended."""
+    from qtpy.QtWidgets import QApplication
+
+    for signal in (worker.yielded, worker.returned, worker.aborted, worker.errored):
+        try:
+            signal.disconnect()
+        except (RuntimeError, TypeError):
+            pass
+    worker.quit()
+    deadline = time.monotonic() + timeout_s
+    while worker.is_running and time.monotonic() < deadline:
+        QApplication.processEvents()
+        time.sleep(0.01)
+    return not worker.is_running
+
 class RunHandlers:
     """Mixed into :class:`._widget.LocalizeWidget`: starting, following and stopping a run."""
 
@@ -195,20 +214,9 @@ class RunHandlers:
         if worker is None:
             return True
         self._cancel_requested = True
-        for signal in (worker.yielded, worker.returned, worker.aborted, worker.errored):
-            try:
-                signal.disconnect()
-            except (RuntimeError, TypeError):
-                pass
-        worker.quit()
-        deadline = time.monotonic() + timeout_s
-        from qtpy.QtWidgets import QApplication
-
-        while worker.is_running and time.monotonic() < deadline:
-            QApplication.processEvents()
-            time.sleep(0.01)
+        stopped = stop_and_wait(worker, timeout_s)
         self._timer.stop()
-        return not worker.is_running
+        return stopped
 
     def cancel(self) -> None:
         """Stop the run at its next step; the layers are left as they were."""

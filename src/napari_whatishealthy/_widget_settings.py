@@ -1,6 +1,7 @@
 """The widget's saved settings (napari Preferences > What is Healthy): the default model and
-device are restored when the widget opens and saved when the user picks others; the batch size
-and the last folders are read where they are used. Storage is :mod:`._settings`."""
+device are restored when the widget opens and saved when the user picks others (in the menus or
+with Browse; a script's ``set_model`` does not change them); the batch size and the last folders
+are read where they are used. Storage is :mod:`._settings`."""
 
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ class SettingsHandlers:
         device = str(settings.get("run", "device"))
         if self.device_combo.findText(device) >= 0:
             self.device_combo.setCurrentText(device)
-        self.device_combo.currentTextChanged.connect(
-            lambda text: settings.put("run", "device", text))
+        # ``activated``: a choice made by the user, not a change made by code.
+        self.device_combo.activated.connect(
+            lambda _index: settings.put("run", "device", self.device_combo.currentText()))
+        self.model_combo.activated.connect(lambda _index: self._remember_model())
         self._settings_ready = True
 
     def _remember_model(self: Any) -> None:

@@ -81,239 +81,17 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# train
-
-
-def _add_training_data_options(p: argparse.ArgumentParser, of_model: str) -> None:
-    """DATA, --out, --size, --modalities: shared by train and train-classifier."""
-    p.add_argument("--out", required=True,
-                   help="output folder: checkpoint/, train_state.pt, train_log.jsonl")
-    p.add_argument("--size", type=int, default=64,
-                   help=f"image size in pixels{of_model} (default 64)")
-    p.add_argument("--modalities", default="flair,t1,t1ce,t2",
-                   help=f"comma-separated channels in order{of_model}, e.g. flair for a "
-                        "FLAIR-only model")
-    p.add_argument("--store", default=None,
-                   help="slice store folder: the prepared slices, built once and reused while "
-                        "DATA and the preprocessing are unchanged (default OUT/slice_store)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="processes that build the slice store (default: the cores, at most 8)")
-    p.add_argument("--rebuild-store", action="store_true",
-                   help="rebuild the slice store even if it matches (e.g. one of other "
-                        "preprocessing at --store)")
-    p.add_argument("--in-memory", action="store_true",
-                   help="load the slice store into RAM on every process (faster steps for "
-                        "small cohorts; memory grows with the cohort)")
-
-
-def _add_network_options(p: argparse.ArgumentParser, network, what: str, example: str) -> None:
-    p.add_argument("--channels", default=",".join(map(str, network.channels)),
-                   help=f"{what} channels per level")
-    p.add_argument("--attention",
-                   default=",".join("1" if a else "0" for a in network.attention_levels),
-                   help=f"attention per level, e.g. {example}")
-    p.add_argument("--res-blocks", type=int, default=network.num_res_blocks)
-
-
-def _add_run_options(p: argparse.ArgumentParser, name: str, seed_help: str | None = None) -> None:
-    """Device, seed, time limit, logging, checkpoints, resume: shared by both trainers."""
-    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0, help=seed_help)
-    p.add_argument("--time-limit", type=float, default=None,
-                   help="stop (and save) after this many minutes")
-    p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--val-every", type=int, default=250)
-    p.add_argument("--name", default=name)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-
-
-def _parse_network(args: argparse.Namespace, example: str) -> tuple[tuple[int, ...],
-                                                                     tuple[bool, ...], int]:
-    """(channels, attention, norm groups) from --channels / --attention, checked."""
-    try:
-        channels = tuple(int(c) for c in args.channels.split(","))
-    except ValueError:
-        raise WhatIsHealthyError(f"--channels must be integers like {example}, got "
-                                 f"{args.channels!r}") from None
-    attention = tuple(a.strip() in ("1", "true", "True") for a in args.attention.split(","))
-    if len(channels) != len(attention):
-        raise WhatIsHealthyError("--channels and --attention need one entry per level")
-    groups = min(16, min(channels))
-    if any(c % groups for c in channels):
-        raise WhatIsHealthyError(f"--channels must all be multiples of {groups}")
-    return channels, attention, groups
-
-
-def _check_at_least_one(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        if getattr(args, name) < 1:
-            raise WhatIsHealthyError(f"--{name.replace('_', '-')} must be at least 1")
-
-
-def _run_options(args: argparse.Namespace) -> dict:
-    """The config fields every trainer takes from the shared options."""
-    import math
-
-    from .core.output import check_folder, check_outside
-    if not (math.isfinite(args.lr) and 0.0 <= args.lr <= 1.0):
-        raise WhatIsHealthyError(f"--lr must be a number in [0, 1], got {args.lr}")
-    for name in ("label_dropout", "ema_decay", "weight_decay"):
-        value = getattr(args, name, None)
-        if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
-            raise WhatIsHealthyError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
-    if not 0 <= args.seed < 2**32:
-        raise WhatIsHealthyError(f"--seed must be an integer in [0, 2**32 - 1], got {args.seed}")
-    check_outside(args.out, args.data)
-    check_folder(args.out)
-    return dict(
-        data=args.data, out=args.out, size=args.size,
-        modalities=tuple(m.strip() for m in args.modalities.split(",") if m.strip()),
-        steps=args.steps, batch=args.batch, lr=args.lr, amp=args.amp, device=args.device,
-        seed=args.seed, time_limit_min=args.time_limit, checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every, val_every=args.val_every, resume=args.resume,
-        timestep_stride=args.timestep_stride, name=args.name,
-        store=args.store, workers=args.workers, rebuild_store=args.rebuild_store,
-        in_memory=args.in_memory,
-    )
-
-
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .core.model import NetworkSpec
-
-    p = sub.add_parser("train", help="train the conditional diffusion model from image-level "
-                       "labels")
-    p.add_argument("data", help="folder of BraTS-layout cases (with <case>_seg.nii.gz for the "
-                   "slice labels)")
-    _add_training_data_options(p, "")
-    p.add_argument("--steps", type=int, default=5000, help="total optimiser steps")
-    p.add_argument("--batch", type=int, default=32, help="slices per step (per process)")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--label-dropout", type=float, default=0.15,
-                   help="probability of the null label (classifier-free guidance)")
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
-    p.add_argument("--init-from", default=None, metavar="MODEL",
-                   help="start from this model's weights (a bundled name such as default or "
-                        "flair, or a checkpoint folder) to continue or fine-tune it; its "
-                        "modalities, size and network must match this run's")
-    _add_network_options(p, NetworkSpec(), "UNet", "0,0,1")
-    p.add_argument("--timestep-stride", type=int, default=10,
-                   help="train on timesteps 0, k, 2k, ... of 1000 (the method's 100-step "
-                        "respacing: 10)")
-    _add_run_options(p, "whatishealthy")
-    p.set_defaults(func=_run_train)
-
-
-def _run_train(args: argparse.Namespace) -> int:
-    from .core.model import NetworkSpec
-    from .core.train import TrainConfig, train
-
-    channels, attention, groups = _parse_network(args, "32,64,128")
-    _check_at_least_one(args, "steps", "batch", "size", "log_every", "val_every",
-                        "checkpoint_every", "timestep_stride")
-    if args.workers is not None:
-        _check_at_least_one(args, "workers")
-    network = NetworkSpec(channels=channels, attention_levels=attention,
-                          num_res_blocks=args.res_blocks, norm_num_groups=groups,
-                          num_head_channels=min(32, channels[-1]))
-    if args.warmup < 0:
-        raise WhatIsHealthyError("--warmup must be 0 or more")
-    config = TrainConfig(**_run_options(args), label_dropout=args.label_dropout,
-                         ema_decay=args.ema_decay, network=network, warmup=args.warmup,
-                         init_from=args.init_from)
-    train(config, show_progress=not args.no_progress)
-    return 0
-
-
-# --------------------------------------------------------------------------------------------
-# train-classifier
-
-
-def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prepare", help="build the slice store of a training set once (e.g. on a "
-                       "CPU node before a multi-GPU run); train reuses it with --store")
-    p.add_argument("data", help="folder of BraTS-layout cases with <case>_seg.nii.gz")
-    p.add_argument("--store", required=True, help="slice store folder to build (or check)")
-    p.add_argument("--size", type=int, default=64, help="model image size (default 64)")
-    p.add_argument("--modalities", default="flair,t1,t1ce,t2",
-                   help="comma-separated channels in order, as the model's")
-    p.add_argument("--workers", type=int, default=None,
-                   help="processes (default: the cores, at most 8)")
-    p.add_argument("--rebuild-store", action="store_true",
-                   help="rebuild even if the store matches (replaces one of other preprocessing)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run_prepare)
-
-
-def _run_prepare(args: argparse.Namespace) -> int:
-    from .core.data import discover_cases
-    from .core.slice_store import Preprocessing, open_or_build
-
-    _check_at_least_one(args, "size")
-    if args.workers is not None:
-        _check_at_least_one(args, "workers")
-    modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
-    store = open_or_build(args.store, discover_cases(args.data), Preprocessing(args.size,
-                          modalities), workers=args.workers, rebuild=args.rebuild_store,
-                          show_progress=not args.no_progress)
-    print(f"slice store {args.store}: {len(store):,} slices of {len(store.cases)} cases "
-          f"({store.counts()}), {store.nbytes / 2**20:.0f} MiB; use it with "
-          f"`whatishealthy train {args.data} --store {args.store} ...`")
-    return 0
-
-
-def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
-    from .core.classifier import ClassifierNetworkSpec
-
-    p = sub.add_parser("train-classifier", help="train the noisy-image classifier of healthy vs "
-                       "unhealthy slices (for --method classifier)")
-    p.add_argument("data", help="folder of BraTS-layout cases (with <case>_seg.nii.gz for the "
-                   "slice labels): the same data as `train`")
-    _add_training_data_options(p, ": the diffusion model's")
-    p.add_argument("--steps", type=int, default=3000, help="total optimiser steps")
-    p.add_argument("--batch", type=int, default=32, help="slices per step")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    _add_network_options(p, ClassifierNetworkSpec(),
-                         "encoder (each level halves the image)", "0,0,0,1")
-    p.add_argument("--timestep-stride", type=int, default=10,
-                   help="train on timesteps 0, k, 2k, ... of 1000: the diffusion model's stride "
-                        "or a divisor of it")
-    p.add_argument("--max-noise", type=float, default=1.0,
-                   help="train only on noise levels up to this fraction (default 1: all); "
-                        "guidance then works for --noise up to it")
-    p.add_argument("--slices", default=None,
-                   help="reuse prepared slices instead of preparing DATA again: a slice store, a "
-                        "`train --out` folder holding one, or an earlier version's slices.npz")
-    _add_run_options(p, "whatishealthy-classifier",
-                     "seed; the same seed as `train` gives the same held-out cases")
-    p.set_defaults(func=_run_train_classifier)
-
-
-def _run_train_classifier(args: argparse.Namespace) -> int:
-    from .core.classifier import ClassifierNetworkSpec
-    from .core.train_classifier import ClassifierTrainConfig, train_classifier
-
-    channels, attention, groups = _parse_network(args, "32,64,64,128")
-    _check_at_least_one(args, "steps", "batch", "size", "log_every", "val_every",
-                        "checkpoint_every", "timestep_stride")
-    if not 0.0 < args.max_noise <= 1.0:
-        raise WhatIsHealthyError(f"--max-noise must be in (0, 1], got {args.max_noise}")
-    network = ClassifierNetworkSpec(channels=channels, attention_levels=attention,
-                                    num_res_blocks=args.res_blocks, norm_num_groups=groups,
-                                    num_head_channels=min(32, channels[-1]))
-    config = ClassifierTrainConfig(**_run_options(args), weight_decay=args.weight_decay,
-                                   network=network, max_noise=args.max_noise,
-                                   slices=args.slices)
-    train_classifier(config, show_progress=not args.no_progress)
-    return 0
-
-
-# --------------------------------------------------------------------------------------------
 # Inference options shared by localize, evaluate and demo.
+
+
+def _noise_levels(text: str) -> tuple[float, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated noise levels like 0.2,0.3,0.45, got {text!r}") from None
 
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
@@ -336,7 +114,15 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                    help="classifier guidance scale s (default: the classifier's recommended)")
     g.add_argument("--noise", type=float, default=None, dest="noise_level",
                    help="noise level L in (0, 1]: how far the input is inverted")
+    g.add_argument("--noise-levels", type=_noise_levels, default=None, dest="noise_levels",
+                   help="several noise levels, e.g. 0.2,0.3,0.45: the map is the mean of their "
+                        "difference maps and their per-voxel spread is written as "
+                        "<case>_uncertainty.nii.gz (one counterfactual per level; 'none': "
+                        "the single --noise level)")
     g.add_argument("--steps", type=int, default=None, help="DDIM steps to the noise level")
+    g.add_argument("--edge-erosion", type=int, default=None, dest="edge_erosion",
+                   help="voxels of the brain's edge where the difference is set to 0 (the "
+                        "skull-stripping border is not a lesion); 0: none")
     g.add_argument("--threshold", default=None,
                    help="mask threshold on the difference: a number, 'auto' (the model's "
                         "recommended value) or 'otsu' (per volume)")
@@ -467,7 +253,8 @@ def _run_localize(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .core.cases import choose_for_case, collect_cases
-    from .core.pipeline import check_memory, check_outputs, output_paths, write_outputs
+    from .core.pipeline import check_memory
+    from .core.results import check_outputs, output_paths, write_outputs
     from .core.sharding import current_shard
     from .core.steps import drain
 
@@ -495,7 +282,10 @@ def _run_localize(args: argparse.Namespace) -> int:
                 "folder (outputs such as <case>_mask.nii.gz next to the inputs would be read "
                 "back as part of the case)"
             )
-        paths = output_paths(out, case.name, choice.spec.modalities, args.all_channels)
+        levels = args.noise_levels if args.noise_levels is not None else \
+            choice.spec.inference.noise_levels
+        paths = output_paths(out, case.name, choice.spec.modalities, args.all_channels,
+                             uncertainty=bool(levels))
         if args.resume:
             state, why = _resume_state(args, case, choice, paths)
             if state:
@@ -666,113 +456,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# demo
-
-
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="open napari with the sample case and the widget; "
-                       "--headless: run the pipeline and write outputs and a PNG figure")
-    p.add_argument("--headless", action="store_true", help="no window: write files only")
-    p.add_argument("--out", default="whatishealthy-demo",
-                   help="output folder for --headless (default whatishealthy-demo); the demo "
-                        "replaces its own earlier outputs there")
-    p.add_argument("--sample", default=None,
-                   help="a case folder to use instead of the bundled sample")
-    _add_inference_options(p)
-    p.set_defaults(func=_run_demo)
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from .core.model_choice import AUTO
-    from .core.registry import DEFAULT_MODEL, resolve_model
-
-    # A missing bundled model is reported before anything else; the sample has all four
-    # modalities, so "auto" is the four-channel default.
-    resolve_model(DEFAULT_MODEL if args.model == AUTO else args.model)
-    if not args.headless and (args.classifier is not None or args.method == "classifier"):
-        raise WhatIsHealthyError("classifier guidance in the demo needs --headless (the window "
-                                 "uses the widget's settings)")
-    from .core.sample import sample_case_path
-
-    sample = Path(args.sample) if args.sample else sample_case_path()
-    if not args.headless:
-        return _demo_gui(sample, args)
-    import numpy as np
-
-    from .core.cases import case_name_from_files
-    from .core.figure import save_figure
-    from .core.pipeline import check_outputs, output_paths, write_outputs
-    from .core.steps import drain
-    from .core.volume import load_volume
-
-    session, settings, guide = _open_session(args)
-    folder = session.folder
-    volume = load_volume(sample, name=case_name_from_files(sample)).select(session.spec.modalities)
-    out = Path(args.out)
-    if out.resolve() == sample.resolve():
-        raise InputError(f"{out}: is the sample folder; choose another --out")
-    protected = [*volume.input_paths, *_files_in(folder)]
-    targets = output_paths(out, volume.name, session.spec.modalities)
-    targets["figure"] = out / f"{volume.name}_figure.png"
-    check_outputs(targets, protected, overwrite=True, voxels=int(np.prod(volume.shape)))
-    gen = session.iter_localize(volume.data, settings, guide, inputs=volume.source_paths)
-    bar = _Bar(volume.name, not args.no_progress)
-    try:
-        result = drain(gen, bar)
-    finally:
-        bar.close()
-    paths = write_outputs(result, volume, out, overwrite=True, inputs=_files_in(folder))
-    figure = out / f"{volume.name}_figure.png"
-    save_figure(volume, result, figure, inputs=_files_in(folder))
-    print(f"sample {sample}: {int(result.mask.sum())} voxels flagged at threshold "
-          f"{result.threshold_used:.4g}")
-    for path in [*paths.values(), figure]:
-        print(f"wrote {path}")
-    return 0
-
-
-def _demo_gui(sample: Path, args: argparse.Namespace) -> int:
-    try:
-        import napari
-    except ImportError:
-        raise WhatIsHealthyError("napari is not installed: pip install 'napari-whatishealthy[gui]'"
-                                 " or run `whatishealthy demo --headless`") from None
-    viewer = napari.Viewer(title="What is Healthy? demo")
-    try:
-        if args.sample is None:
-            viewer.open_sample("napari-whatishealthy", "sample_case")
-        else:
-            viewer.open(str(sample), plugin="napari-whatishealthy")
-    except Exception:  # the plugin's reader failed: show the volumes plainly
-        from .core.volume import load_volume
-
-        volume = load_volume(sample)
-        for i, m in enumerate(volume.modalities):
-            viewer.add_image(volume.data[i], name=f"{volume.name}_{m}", affine=volume.affine,
-                             visible=(i == 0))
-        if volume.segmentation is not None:
-            viewer.add_labels(volume.segmentation, name=f"{volume.name}_seg",
-                              affine=volume.affine, opacity=0.4, visible=False)
-    try:
-        from ._widget import LocalizeWidget
-        from .core.model_choice import AUTO
-        from .core.registry import resolve_model
-
-        # Docked as the Plugins menu docks it: the same title, the same layer proxies.
-        _, widget = viewer.window.add_plugin_dock_widget("napari-whatishealthy",
-                                                         "Lesion localization")
-        if not isinstance(widget, LocalizeWidget):
-            raise ImportError("the plugin's widget contribution did not give the widget")
-        if args.model != AUTO:  # otherwise the widget's Automatic choice
-            widget.set_model(str(resolve_model(args.model)))
-    except ImportError as exc:
-        print(f"whatishealthy demo: warning: the widget could not be loaded ({exc})",
-              file=sys.stderr)
-    napari.run()
-    return 0
-
-
-# --------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -782,13 +465,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "model. See docs/cli.md.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from ._cli_demo import add_demo
+    from ._cli_train import add_prepare, add_train, add_train_classifier
+
     _add_synth(sub)
-    _add_train(sub)
-    _add_train_classifier(sub)
-    _add_prepare(sub)
+    add_train(sub)
+    add_train_classifier(sub)
+    add_prepare(sub)
     _add_localize(sub)
     _add_evaluate(sub)
-    _add_demo(sub)
+    add_demo(sub)
     return parser
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from .cases import Case, collect_cases
 from .errors import InputError
-from .pipeline import output_paths
+from .results import output_paths
 
 __all__ = ["Cohort", "CohortCase", "open_cohort", "output_folder_for", "run_case"]
 
@@ -157,7 +157,7 @@ def run_case(
     """Localize one case as ``whatishealthy localize`` does (yielding its progress) and write its
     outputs to the cohort's output folder; returns the paths written."""
     from .cases import choose_for_case
-    from .pipeline import write_outputs
+    from .results import write_outputs
     from .session import LocalizeSession
 
     if entry.case is None:

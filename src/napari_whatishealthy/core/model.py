@@ -93,6 +93,16 @@ class InferenceDefaults:
     min_component_voxels: int = 20
     # Fixed-point iterations per DDIM inversion step (0 = plain DDIM, the paper's method).
     inversion_refinements: int = 0
+    # Dynamic normalisation of the predicted x0 during inversion too (the reference code's
+    # choice); False: only while decoding, so that inversion is the inverse of plain decoding.
+    inversion_normalisation: bool = False
+    # Several noise levels per run: the anomaly map is the mean of their difference maps and the
+    # per-voxel spread (standard deviation) across them is the uncertainty map. Empty: the one
+    # ``noise_level``. Costs one counterfactual per level.
+    noise_levels: tuple[float, ...] = ()
+    # Voxels of the brain's edge (3D erosion of the brain mask) where the score is set to 0,
+    # so that the border of the skull stripping is never called a lesion; 0: none.
+    edge_erosion: int = 0
 
 
 @dataclass
@@ -137,7 +147,7 @@ class ModelSpec:
         try:
             network = NetworkSpec(**_tuples(data.pop("network", {})))
             schedule = ScheduleSpec(**data.pop("schedule", {}))
-            inference = InferenceDefaults(**data.pop("inference", {}))
+            inference = InferenceDefaults(**_tuples(data.pop("inference", {})))
             if "modalities" in data:
                 data["modalities"] = tuple(data["modalities"])
             spec = cls(network=network, schedule=schedule, inference=inference, **data)

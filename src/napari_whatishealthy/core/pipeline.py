@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .anomaly import difference_maps, make_mask, median_smooth, otsu_threshold
+from .anomaly import difference_maps, erode_mask, make_mask, median_smooth, otsu_threshold
 from .counterfactual import iter_counterfactual, model_device
 from .device import resolve_device
 from .errors import InputError, WhatIsHealthyError
@@ -84,6 +84,8 @@ class LocalizeResult:
     settings: LocalizeSettings
     provenance: dict[str, Any]
     modalities: tuple[str, ...] = ()
+    # With several noise levels: the per-voxel standard deviation of their difference maps.
+    uncertainty: np.ndarray | None = None  # [X, Y, Z] float32
     processed_slices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     recommended_threshold: float = 0.0
     warnings: list[str] = field(default_factory=list)
@@ -336,8 +338,11 @@ def iter_localize(
     settings = dataclasses.replace(settings, classifier=None)
     device = model_device(model) or resolve_device(settings.device)
     # iter_counterfactual checks the model, the slices and the settings now, not at next().
-    inner = iter_counterfactual(model, sub.slices,
-                                dataclasses.replace(settings, classifier=guided_by))
+    run_settings = dataclasses.replace(settings, classifier=guided_by)
+    if settings.noise_levels:
+        inner = _iter_levels(model, sub.slices, run_settings)
+    else:
+        inner = iter_counterfactual(model, sub.slices, run_settings)
     classifier_info = None
     if guided_by is not None:
         from .classifier import classifier_record
@@ -350,8 +355,36 @@ def iter_localize(
     )
 
 
+def _iter_levels(
+    model: Any, slices: np.ndarray, settings: LocalizeSettings
+) -> Generator[Progress, None, list[np.ndarray]]:
+    """One counterfactual per level of ``settings.noise_levels``, one after the other, with
+    progress counted over all of them; returns the healthy slices of each level."""
+    levels = [float(v) for v in settings.noise_levels]
+    runs = [iter_counterfactual(model, slices, dataclasses.replace(
+        settings, noise_level=level, noise_levels=())) for level in levels]  # checked now
+    out: list[np.ndarray] = []
+    done = 0
+    try:
+        for run in runs:
+            last = 0
+            while True:
+                try:
+                    p = next(run)
+                except StopIteration as stop:
+                    out.append(stop.value)
+                    break
+                last = p.step
+                yield Progress(done + p.step, done + p.total * (len(levels) - len(out)), p.phase)
+            done += last
+    finally:
+        for run in runs:
+            run.close()
+    return out
+
+
 def _run(
-    inner: Generator[Progress, None, np.ndarray],
+    inner: Generator[Progress, None, np.ndarray | list[np.ndarray]],
     data: np.ndarray,
     prepared: PreparedVolume,
     sub: PreparedVolume,
@@ -373,12 +406,24 @@ def _run(
         inner.close()
     if healthy_s is None:  # closed from outside
         return None  # type: ignore[return-value]
-    _check_finite_result(healthy_s, settings)
+    per_level = healthy_s if isinstance(healthy_s, list) else [healthy_s]
+    for level_result in per_level:
+        _check_finite_result(level_result, settings)
     t_model = time.time() - started
     warnings = _warnings(prepared, sub)
     brain = prepared.brain
-    difference, per_channel, healthy = _volume_outputs(data, prepared, sub, healthy_s,
-                                                       settings.median_size)
+    scored = _scored_region(brain, sub.slice_index, int(settings.edge_erosion))
+    difference, per_channel, healthy = _volume_outputs(data, prepared, sub, per_level[0],
+                                                       settings.median_size, scored)
+    uncertainty = None
+    if len(per_level) > 1:
+        # The mean of the levels' maps is the score; their spread says where it is unsure.
+        # (The healthy image shown is the first level's.)
+        maps = [difference] + [_volume_outputs(data, prepared, sub, h, settings.median_size,
+                                               scored)[0] for h in per_level[1:]]
+        stack = np.stack(maps)
+        difference = stack.mean(axis=0, dtype=np.float32)
+        uncertainty = stack.std(axis=0, dtype=np.float32)
     recommended = float(spec.inference.threshold)
     region = _processed_range(sub.slice_index)
     threshold_used = resolve_threshold(settings.threshold, difference[region], brain[region],
@@ -420,6 +465,7 @@ def _run(
         processed_slices=sub.slice_index.copy(),
         recommended_threshold=recommended,
         warnings=warnings,
+        uncertainty=uncertainty,
     )
 
 
@@ -456,6 +502,19 @@ def _intersect(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, ...]:
     return tuple(out)
 
 
+def _scored_region(brain: np.ndarray, slice_index: np.ndarray, erosion: int) -> np.ndarray:
+    """The brain less ``erosion`` voxels of its edge (3D), computed only around the processed
+    slices (with ``erosion`` slices of margin, so that the result there is exact): a one-slice
+    preview erodes a thin slab, not the volume."""
+    if erosion <= 0 or slice_index.size == 0:
+        return brain
+    lo = max(int(slice_index.min()) - erosion, 0)
+    hi = min(int(slice_index.max()) + erosion + 1, brain.shape[2])
+    scored = np.zeros_like(brain)
+    scored[..., lo:hi] = erode_mask(brain[..., lo:hi], erosion)
+    return scored
+
+
 def _processed_range(slice_index: np.ndarray) -> tuple[slice, slice, slice]:
     """The index of the axial range spanning the processed slices (empty when none)."""
     if slice_index.size == 0:
@@ -469,6 +528,7 @@ def _volume_outputs(
     sub: PreparedVolume,
     healthy_s: np.ndarray,
     median_size: int,
+    scored: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(difference [X, Y, Z], per-channel difference [C, X, Y, Z], healthy [C, X, Y, Z]) on the
     volume grid. Only the processed slices are computed; the rest are 0 (differences) and the
@@ -493,7 +553,8 @@ def _volume_outputs(
     smoothed = median_smooth(raw, median_size, slice_axis=-1)
     # Outside the brain there is only background; what the model-space resize bleeds there is
     # not an anomaly and would show as a halo in the difference layer.
-    smoothed *= brain_idx
+    # ``scored``: the brain, or the brain less its edge (edge_erosion): the map is 0 outside it.
+    smoothed *= brain_idx if scored is None else scored[..., z]
     per_idx *= brain_idx
     difference[..., z] = smoothed
     per_channel[..., z] = per_idx
@@ -531,101 +592,5 @@ def localize(
     return drain(iter_localize(model, spec, data, settings, z_slices, **provenance), progress_callback)
 
 
-# --------------------------------------------------------------------------------------------
-# Output files.
-
-
-def output_paths(
-    out_dir: str | Path,
-    case: str,
-    modalities: Sequence[str] = (),
-    all_channels: bool = False,
-) -> dict[str, Path]:
-    """Where :func:`write_outputs` writes a case: keys ``healthy``, ``difference``, ``mask``,
-    ``provenance`` and, with ``all_channels``, ``healthy_<modality>`` for every channel."""
-    out = Path(out_dir)
-    paths = {
-        "healthy": out / f"{case}_healthy.nii.gz",
-        "difference": out / f"{case}_difference.nii.gz",
-        "mask": out / f"{case}_mask.nii.gz",
-        "provenance": out / f"{case}_provenance.json",
-    }
-    if all_channels:
-        for m in modalities:
-            paths[f"healthy_{m}"] = out / f"{case}_healthy_{m}.nii.gz"
-    return paths
-
-
-def output_bytes(paths: dict[str, Path], voxels: int) -> int:
-    """An upper bound on the bytes :func:`write_outputs` writes for a source grid of ``voxels``
-    voxels (float32 maps and a uint8 mask, before compression), for the free-space check."""
-    floats = sum(1 for key in paths if key.startswith("healthy") or key == "difference")
-    return voxels * (4 * floats + 1) + 64 * 1024
-
-
-def check_outputs(
-    paths: dict[str, Path], protected: Iterable[str | Path] = (), overwrite: bool = False,
-    voxels: int = 0,
-) -> None:
-    """Refuse, before any work, outputs that would replace an input or (without overwrite) an
-    existing file, names the file system cannot hold, a folder that cannot be written, and
-    (given the source grid's ``voxels``) a disk without room for the outputs."""
-    from .output import OutputSet, check_folder
-
-    checker = OutputSet(protected, overwrite)
-    for path in paths.values():
-        checker.check(path)
-    for folder in {p.parent for p in paths.values()}:
-        check_folder(folder, output_bytes(paths, voxels) if voxels else 0)
-
-
-def write_outputs(
-    result: LocalizeResult,
-    volume: Any,
-    out_dir: str | Path,
-    case: str | None = None,
-    overwrite: bool = False,
-    all_channels: bool = False,
-    inputs: Iterable[str | Path] = (),
-) -> dict[str, Path]:
-    """Write a result on its volume's source grid (see :func:`output_paths` for the names), as
-    one set.
-
-    ``volume`` is the :class:`~napari_whatishealthy.core.volume.Volume` the result came from;
-    its files and ``inputs`` (the model's, say) are never written over.
-    ``<case>_healthy.nii.gz`` is the healthy image of the first model channel (FLAIR for the
-    default model); ``all_channels`` adds one file per channel. All files are written to
-    temporary names and then renamed together, the provenance (with every output's SHA-256)
-    last (see :mod:`.output`): an error, Ctrl-C or SIGTERM leaves the previous set whole.
-    """
-    import nibabel as nib
-
-    from .output import OutputSet, json_text, sha256_file
-    from .volume import on_source_grid
-
-    case = case or volume.name
-    paths = output_paths(out_dir, case, result.modalities, all_channels)
-    protected = (*volume.input_paths, *inputs)
-    check_outputs(paths, protected, overwrite)
-    arrays: list[tuple[str, np.ndarray, type]] = [
-        ("healthy", result.healthy[0], np.float32),
-        ("difference", result.difference, np.float32),
-        ("mask", result.mask, np.uint8),
-    ]
-    for i, m in enumerate(result.modalities):
-        if f"healthy_{m}" in paths:
-            arrays.append((f"healthy_{m}", result.healthy[i], np.float32))
-    with OutputSet(protected, overwrite) as outputs:
-        digests: dict[str, str] = {}
-        for key, array, dtype in arrays:
-            img = on_source_grid(array, volume, dtype)
-            temp = outputs.stage(paths[key], lambda tmp, img=img: nib.save(img, tmp))
-            digests[key] = sha256_file(temp)
-        provenance = dict(result.provenance)
-        provenance["outputs"] = {k: str(p.resolve()) for k, p in paths.items()}
-        provenance["output_sha256"] = digests
-        provenance["healthy_channel"] = result.modalities[0] if result.modalities else None
-        text = json_text(provenance)
-        outputs.stage(paths["provenance"], lambda tmp: Path(tmp).write_text(text))
-        outputs.commit()
-    return paths
+# The files of a result are written by core.results; these names stay importable from here.
+from .results import output_paths, write_outputs  # noqa: E402

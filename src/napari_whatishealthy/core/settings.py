@@ -28,6 +28,8 @@ MAX_CLASSIFIER_SCALE = 1e4
 MAX_MEDIAN_SIZE = 15  # in-plane median window; 100000 took 10 GB
 MAX_STEPS = 1000  # the diffusion length
 MAX_INVERSION_REFINEMENTS = 20
+MAX_EDGE_EROSION = 20  # voxels
+MAX_NOISE_LEVELS = 5  # an ensemble of noise levels; each costs a whole counterfactual
 MAX_BATCH_SIZE = 4096
 MAX_SEED = 2**63 - 1  # torch's seed range
 METHODS = ("implicit", "classifier")
@@ -185,6 +187,14 @@ class LocalizeSettings(InferenceDefaults):
                 f"got {self.guidance!r}"
             )
         check_noise_and_steps(self.noise_level, self.steps)
+        levels = self.noise_levels
+        if not isinstance(levels, (tuple, list)) or len(levels) > MAX_NOISE_LEVELS:
+            raise WhatIsHealthyError(
+                f"noise_levels must be a list of at most {MAX_NOISE_LEVELS} noise levels (empty: "
+                f"noise_level alone), got {levels!r}"
+            )
+        for level in levels:
+            check_noise_and_steps(level, self.steps)
         parse_threshold(self.threshold)
         if not is_integer(self.median_size) or not 1 <= self.median_size <= MAX_MEDIAN_SIZE:
             raise WhatIsHealthyError(
@@ -194,6 +204,11 @@ class LocalizeSettings(InferenceDefaults):
         if not is_integer(self.min_component_voxels) or self.min_component_voxels < 0:
             raise WhatIsHealthyError(
                 f"min_component_voxels must be an integer >= 0, got {self.min_component_voxels!r}"
+            )
+        if not is_integer(self.edge_erosion) or not 0 <= self.edge_erosion <= MAX_EDGE_EROSION:
+            raise WhatIsHealthyError(
+                f"edge_erosion must be an integer in [0, {MAX_EDGE_EROSION}] (voxels), got "
+                f"{self.edge_erosion!r}"
             )
         check_seed(self.seed)
         if self.batch_size is not None and (not is_integer(self.batch_size)

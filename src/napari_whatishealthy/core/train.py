@@ -42,8 +42,10 @@ from .trainer import (
     BalancedSampler,
     DistInfo,
     Objective,
+    RunConfig,
     autocast,
     load_data,
+    noised,
     read_log,
     run_training,
     store_info,
@@ -51,36 +53,14 @@ from .trainer import (
 
 
 @dataclass
-class TrainConfig:
-    data: str
-    out: str
-    size: int = 64
-    modalities: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
-    steps: int = 5000
-    batch: int = 32
-    lr: float = 2e-4
-    weight_decay: float = 0.01
-    warmup: int = 200
+class TrainConfig(RunConfig):
+    """The diffusion model's run: the shared options and its own."""
+
     ema_decay: float = 0.999
     label_dropout: float = 0.15
-    val_fraction: float = 0.1
-    seed: int = 0
-    amp: str = "auto"  # auto | on | off
-    device: str = "auto"
-    log_every: int = 25
-    val_every: int = 250
-    checkpoint_every: int = 250
-    time_limit_min: float | None = None
-    resume: bool = False
     # A bundled model's name or a checkpoint folder whose weights start this run (fine-tuning).
     init_from: str | None = None
     network: NetworkSpec = field(default_factory=NetworkSpec)
-    timestep_stride: int = 10
-    name: str = "whatishealthy"
-    store: str | None = None  # slice store folder (None: DIR/slice_store)
-    workers: int | None = None  # processes building the store (None: the cores, at most 8)
-    rebuild_store: bool = False
-    in_memory: bool = False  # load the store into RAM on every rank
 
 
 def diffusion_loss(
@@ -92,13 +72,7 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Epsilon-prediction MSE at timesteps drawn from the trained set."""
-    where = generator.device if generator is not None else torch.device("cpu")
-    pick = torch.randint(0, len(timesteps), (x0.shape[0],), generator=generator, device=where)
-    t = timesteps.to(where)[pick].to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=where).to(x0.device)
-    # Index on the timesteps' device: a CPU table indexed by CUDA timesteps is an error.
-    ab = alphas_cumprod.to(x0.device, torch.float32)[t].view(-1, 1, 1, 1)
-    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    xt, t, noise = noised(x0, alphas_cumprod, timesteps, generator)
     pred = model(xt, t, labels)
     return F.mse_loss(pred.float(), noise)
 

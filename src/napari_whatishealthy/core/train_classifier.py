@@ -36,7 +36,17 @@ from .classifier import (
 from .data import SliceSet, load_slice_set
 from .errors import WhatIsHealthyError
 from .slice_store import SliceStore
-from .trainer import CACHE_FILE, STORE_DIR, DistInfo, Objective, autocast, load_data, run_training
+from .trainer import (
+    CACHE_FILE,
+    STORE_DIR,
+    DistInfo,
+    Objective,
+    RunConfig,
+    autocast,
+    load_data,
+    noised,
+    run_training,
+)
 
 __all__ = ["ClassifierTrainConfig", "classifier_loss", "evaluate_classifier", "train_classifier"]
 
@@ -44,34 +54,17 @@ NOISE_BANDS = ((0, 250), (250, 500), (500, 750), (750, 1000))
 
 
 @dataclass
-class ClassifierTrainConfig:
-    data: str
-    out: str
-    size: int = 64
-    modalities: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
+class ClassifierTrainConfig(RunConfig):
+    """The classifier's run: the shared options (its own defaults) and its own."""
+
     steps: int = 3000
-    batch: int = 32
     lr: float = 3e-4
     weight_decay: float = 0.05
     warmup: int = 100
-    val_fraction: float = 0.1  # the diffusion model's default: the same held-out cases
-    seed: int = 0
-    amp: str = "auto"  # auto | on | off
-    device: str = "auto"
-    log_every: int = 25
-    val_every: int = 250
-    checkpoint_every: int = 250
-    time_limit_min: float | None = None
-    resume: bool = False
+    name: str = "whatishealthy-classifier"
     network: ClassifierNetworkSpec = field(default_factory=ClassifierNetworkSpec)
-    timestep_stride: int = 10
     max_noise: float = 1.0  # train on timesteps up to max_noise * T
     slices: str | None = None  # reuse a slices.npz (e.g. the diffusion run's) instead of DATA
-    store: str | None = None  # slice store folder (None: DIR/slice_store), as in train
-    workers: int | None = None
-    rebuild_store: bool = False
-    in_memory: bool = False
-    name: str = "whatishealthy-classifier"
 
 
 def classifier_loss(
@@ -85,13 +78,7 @@ def classifier_loss(
     """Cross-entropy of the classifier on ``x0`` noised to random trained timesteps.
 
     Returns ``(loss, logits, t)``."""
-    pick = torch.randint(0, len(timesteps), (x0.shape[0],), generator=generator)
-    t_cpu = timesteps[pick]
-    t = t_cpu.to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    # Indexed on the CPU, where the table is: CUDA timesteps cannot index a CPU tensor.
-    ab = alphas_cumprod[t_cpu].to(x0.device, torch.float32).view(-1, 1, 1, 1)
-    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    xt, t, _ = noised(x0, alphas_cumprod, timesteps, generator)
     logits = model(xt, t).float()
     return F.cross_entropy(logits, labels), logits, t
 

@@ -39,7 +39,38 @@ CACHE_FILE = "slices.npz"  # the in-RAM cache of earlier versions (still read on
 STORE_DIR = "slice_store"
 CHECKPOINT_DIR = "checkpoint"
 
-__all__ = ["BalancedSampler", "DistInfo", "Objective", "read_log", "run_training"]
+__all__ = ["BalancedSampler", "DistInfo", "Objective", "RunConfig", "read_log", "run_training"]
+
+
+@dataclass
+class RunConfig:
+    """The options of every training run (each network's config adds its own and its
+    defaults)."""
+
+    data: str
+    out: str
+    size: int = 64
+    modalities: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
+    steps: int = 5000
+    batch: int = 32
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup: int = 200
+    val_fraction: float = 0.1  # the same seed and fraction hold out the same cases for every net
+    seed: int = 0
+    amp: str = "auto"  # auto | on | off
+    device: str = "auto"
+    log_every: int = 25
+    val_every: int = 250
+    checkpoint_every: int = 250
+    time_limit_min: float | None = None
+    resume: bool = False
+    timestep_stride: int = 10
+    name: str = "whatishealthy"
+    store: str | None = None  # slice store folder (None: DIR/slice_store)
+    workers: int | None = None  # processes building the store (None: the cores, at most 8)
+    rebuild_store: bool = False
+    in_memory: bool = False  # load the store into RAM on every rank
 
 
 @dataclass
@@ -77,10 +108,17 @@ def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    enabled = amp == "on" or (amp == "auto" and device.type in ("cpu", "cuda"))
+    if amp == "auto" and device.type == "cpu":
+        # As for inference (counterfactual.autocast_dtype): bf16 only where the CPU has it
+        # natively (AMX or AVX512_BF16); emulated bf16 is several times slower than float32.
+        from .hardware import cpu_info
+
+        enabled = cpu_info().native_bf16
+    else:
+        enabled = amp == "on" or (amp == "auto" and device.type == "cuda")
     if not enabled or device.type not in ("cpu", "cuda"):
         return contextlib.nullcontext()
-    # bf16 needs no loss scaling; on this CPU it made training steps about 3x faster.
+    # bf16 needs no loss scaling; on a CPU with AMX it made training steps about 3x faster.
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
@@ -108,6 +146,20 @@ class BalancedSampler:
 
     def set_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state
+
+
+def noised(x0: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_t, t, noise)``: ``x0`` noised to timesteps drawn from ``timesteps``,
+    ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise``. The draws come from ``generator`` on its
+    own device (a CUDA generator keeps them on the GPU)."""
+    where = generator.device if generator is not None else torch.device("cpu")
+    pick = torch.randint(0, len(timesteps), (x0.shape[0],), generator=generator, device=where)
+    t = timesteps.to(where)[pick].to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=where).to(x0.device)
+    # Index on the timesteps' device: a CPU table indexed by CUDA timesteps is an error.
+    ab = alphas_cumprod.to(x0.device, torch.float32)[t].view(-1, 1, 1, 1)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t, noise
 
 
 def split_cases(

@@ -1,0 +1,326 @@
+"""Scoring options of the anomaly map, measured on held-out cases beside the FLAIR baseline.
+
+The counterfactual of every k-th brain slice of each case is computed once per noise level
+(and once with the reference's dynamic normalisation during inversion), cached in model space,
+and every option below is scored from those same counterfactuals, on the same voxels:
+
+- ``default``: today's map: |input - counterfactual| at 64 px, upsampled, 3x3 median per slice;
+- ``erode N``: scores only inside the brain mask eroded by N voxels (edge treatment);
+- ``model median 5``: the peers' 5x5 median at model resolution instead of 3x3 at full resolution;
+- ``full resolution``: |input - upsampled counterfactual| at full resolution (lesion edges);
+- ``hysteresis``: the mask grown into neighbouring voxels above half the threshold (edges);
+- ``L=...``: another noise level; ``inversion normalisation``: the reference's inversion;
+- ``multi-L mean``: the mean of the maps at all noise levels; its per-voxel standard deviation
+  is the uncertainty map, reported as its mean where the mask is wrong against where it is right.
+
+Thresholds: with ``--thresholds calib.json`` (written by a run on the calibration cases with
+``--write-thresholds``) each option uses its calibration threshold (held out); the oracle Dice
+(best threshold on the evaluated cases) is shown beside, labelled so. Costs are seconds per
+whole volume: the counterfactual time per run scaled by the slice stride, plus the option's own
+post-processing.
+
+    python benchmarks/score_options.py /work/data_v2/calib_s2000 --z-stride 4 \\
+        --write-thresholds runs/options_calib.json
+    python benchmarks/score_options.py /work/data_v2/test_s1000 --z-stride 4 \\
+        --thresholds runs/options_calib.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+
+def _counterfactuals(model, spec, prepared, sub, configs, cache: Path | None, case: str,
+                     digest: str, device: str = "cpu") -> tuple[dict, dict]:
+    from napari_whatishealthy.core.counterfactual import iter_counterfactual
+    from napari_whatishealthy.core.settings import LocalizeSettings
+    from napari_whatishealthy.core.steps import drain
+
+    out, seconds = {}, {}
+    for key, overrides in configs.items():
+        tag = hashlib.sha1(json.dumps([digest, case, sub.slice_index.tolist(), overrides],
+                                      sort_keys=True).encode()).hexdigest()[:16]
+        path = cache / f"{case}_{tag}.npz" if cache else None
+        if path is not None and path.exists():
+            with np.load(path) as f:
+                out[key], seconds[key] = f["healthy"], float(f["seconds"])
+            continue
+        settings = LocalizeSettings.from_spec(spec, device=device, seed=0, **overrides)
+        started = time.time()
+        out[key] = drain(iter_counterfactual(model, sub.slices, settings))
+        seconds[key] = time.time() - started
+        if path is not None:
+            np.savez(path, healthy=out[key], seconds=seconds[key])
+    return out, seconds
+
+
+def _map(sub, prepared, input_s, healthy_s, brain_idx, *, median=3, model_median=0,
+         full_resolution=False) -> np.ndarray:
+    """The anomaly map on the processed slices, [X, Y, n]."""
+    from napari_whatishealthy.core.anomaly import median_smooth
+    from napari_whatishealthy.core.preprocess import to_slices
+
+    if full_resolution:
+        norm = prepared.normalised[..., sub.slice_index]  # [C, X, Y, n]
+        up = to_slices(sub, healthy_s, fill=-1.0)
+        raw = np.abs(norm - up).mean(axis=0)
+    else:
+        per = np.abs(input_s - healthy_s).mean(axis=1)  # [n, S, S]
+        if model_median > 1:
+            per = ndimage.median_filter(per, size=(1, model_median, model_median))
+        raw = to_slices(sub, per[:, None], fill=0.0)[0]
+    raw = np.maximum(raw, 0.0)
+    return median_smooth(raw, median, slice_axis=-1) * brain_idx
+
+
+def _hysteresis(volume: np.ndarray, threshold: float, brain: np.ndarray, min_voxels: int,
+                low: float = 0.5) -> np.ndarray:
+    """The mask at ``threshold`` grown into connected voxels above ``low * threshold``."""
+    from napari_whatishealthy.core.anomaly import label_components, make_mask
+
+    core = make_mask(volume, threshold, brain_mask=brain, min_component_voxels=min_voxels) > 0
+    weak = (volume > low * threshold) & brain
+    labels, n = label_components(weak, 1)
+    keep = np.zeros(n + 1, bool)
+    keep[np.unique(labels[core])] = True
+    keep[0] = False
+    return keep[labels]
+
+
+def _dice(masks: list[np.ndarray], truths: list[np.ndarray], members: list[int]) -> tuple[float, float]:
+    """Pooled Dice and predicted / true volume over the cases ``members``."""
+    tp = sum(int((masks[i] & truths[i]).sum()) for i in members)
+    pred = sum(int(masks[i].sum()) for i in members)
+    true = sum(int(truths[i].sum()) for i in members)
+    return 2 * tp / (pred + true), pred / true
+
+
+class _Case:
+    """What the study needs of a case: images of the model's modalities, seg, name, kind."""
+
+    def __init__(self, data, segmentation, name, kind=None):
+        self.data, self.segmentation, self.name, self.kind = data, segmentation, name, kind
+
+
+def _cases(root: str, modalities: tuple[str, ...], limit: int | None):
+    """Case folders (BraTS layout) or ``<name>.npz`` files (``synth_slices.py --eval-cases``)."""
+    from napari_whatishealthy.core.data import discover_cases
+    from napari_whatishealthy.core.evaluate import case_kinds
+    from napari_whatishealthy.core.volume import load_volume
+
+    npz = sorted(Path(root).glob("*.npz"))
+    if npz:
+        for path in npz[:limit]:
+            with np.load(path) as f:
+                data = np.stack([f[m].astype(np.float32) for m in modalities])
+                yield _Case(data, f["seg"], str(f["name"]), str(f["kind"]))
+        return
+    kinds = case_kinds(root)
+    for d in discover_cases(root)[:limit]:
+        v = load_volume(d).select(modalities)
+        yield _Case(v.data, v.segmentation, v.name, kinds.get(v.name))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data")
+    p.add_argument("--model", default="default")
+    p.add_argument("--cases", type=int, default=None)
+    p.add_argument("--z-stride", type=int, default=4)
+    p.add_argument("--noise-levels", default="0.2,0.3,0.45")
+    p.add_argument("--cache", default="/tmp/score_options_cache")
+    p.add_argument("--thresholds", default=None, help="calibration thresholds (JSON) to apply")
+    p.add_argument("--write-thresholds", default=None, help="write this run's best thresholds")
+    p.add_argument("--no-inversion-normalisation", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--label", default="", help="a prefix for every printed line")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="start no new case after this many seconds (the table covers the cases "
+                        "done, and says how many)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from napari_whatishealthy.core.anomaly import erode_mask, make_mask, median_smooth
+    from napari_whatishealthy.core.metrics import auprc, auroc, rank_scores, threshold_sweep
+    from napari_whatishealthy.core.pipeline import prepare_input
+    from napari_whatishealthy.core.preprocess import normalise
+    from napari_whatishealthy.core.registry import load_model_cached, resolve_model
+
+    torch.manual_seed(0)
+    folder = resolve_model(args.model)
+    model, spec, digest = load_model_cached(folder, args.device)
+    levels = [float(v) for v in args.noise_levels.split(",")]
+    default_level = float(spec.inference.noise_level)
+    if default_level not in levels:
+        levels.insert(0, default_level)
+    configs = {f"L={lv:g}": {"noise_level": lv} for lv in levels}
+    if not args.no_inversion_normalisation:
+        configs["inversion normalisation"] = {"noise_level": default_level,
+                                              "inversion_normalisation": True}
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    min_voxels = int(spec.inference.min_component_voxels)
+    dflt = f"L={default_level:g}"
+
+    options = ["default", "erode 2", "erode 4", "model median 5", "full resolution",
+               "hysteresis 0.5"] + [k for k in configs if k != dflt] + ["multi-L mean",
+                                                                          "multi-L mean, erode 2"]
+    options.append("FLAIR baseline")
+    scores: dict[str, list[np.ndarray]] = {o: [] for o in options}
+    volumes: dict[str, list[np.ndarray]] = {o: [] for o in options}  # full-grid maps, per case
+    cost: dict[str, float] = {o: 0.0 for o in options}
+    truths, kinds_of, spreads, brains, names = [], [], [], [], []
+    net_seconds: dict[str, float] = {k: 0.0 for k in configs}
+    started = time.time()
+    for i, volume in enumerate(_cases(args.data, tuple(spec.modalities), args.cases)):
+        if args.seconds is not None and i and time.time() - started > args.seconds:
+            print(f"# {args.label}time budget reached after {i} cases", file=sys.stderr)
+            break
+        prepared = prepare_input(volume.data, spec)
+        z = prepared.slice_index[:: args.z_stride]
+        sub = prepared.restrict(z)
+        input_s = sub.slices
+        healthy, secs = _counterfactuals(model, spec, prepared, sub, configs, cache,
+                                         volume.name, digest, args.device)
+        for k, v in secs.items():
+            net_seconds[k] += v * args.z_stride
+        brain = prepared.brain
+        brain_idx = brain[..., z]
+        maps: dict[str, np.ndarray] = {}
+        t0 = time.time()
+        maps["default"] = _map(sub, prepared, input_s, healthy[dflt], brain_idx)
+        cost["default"] += time.time() - t0
+        for e in (2, 4):
+            t0 = time.time()
+            eroded = erode_mask(brain, e)[..., z]
+            maps[f"erode {e}"] = maps["default"] * eroded
+            cost[f"erode {e}"] += time.time() - t0
+        t0 = time.time()
+        maps["model median 5"] = _map(sub, prepared, input_s, healthy[dflt], brain_idx, median=1,
+                                      model_median=5)
+        cost["model median 5"] += time.time() - t0
+        t0 = time.time()
+        maps["full resolution"] = _map(sub, prepared, input_s, healthy[dflt], brain_idx,
+                                       full_resolution=True)
+        cost["full resolution"] += time.time() - t0
+        maps["hysteresis 0.5"] = maps["default"]
+        level_maps = []
+        for key in configs:
+            t0 = time.time()
+            m = maps["default"] if key == dflt else _map(sub, prepared, input_s, healthy[key],
+                                                         brain_idx)
+            if key != dflt:
+                maps[key] = m
+                cost[key] += time.time() - t0
+            if key.startswith("L="):
+                level_maps.append(m)
+        stack = np.stack(level_maps)
+        t0 = time.time()
+        maps["multi-L mean"] = stack.mean(axis=0)
+        cost["multi-L mean"] += time.time() - t0
+        maps["multi-L mean, erode 2"] = maps["multi-L mean"] * erode_mask(brain, 2)[..., z]
+        spread = stack.std(axis=0)
+        flair, _ = normalise(volume.data[[spec.modalities.index("flair")]], brain)
+        maps["FLAIR baseline"] = median_smooth(flair[0][..., z], 3, slice_axis=-1) * brain_idx
+
+        seg = volume.segmentation[..., z] > 0
+        vox = brain_idx
+        truths.append(seg[vox])
+        kinds_of.append(volume.kind or ("lesion" if seg.any() else "healthy"))
+        spreads.append(spread[vox])
+        names.append(volume.name)
+        full_brain = np.zeros(brain.shape, bool)
+        full_brain[..., z] = brain_idx
+        brains.append(full_brain)
+        for o in options:
+            scores[o].append(maps[o][vox].astype(np.float32))
+            full = np.zeros(brain.shape, np.float32)
+            full[..., z] = maps[o]
+            volumes[o].append(full)
+        print(f"# {args.label}{i + 1} {volume.name} ({kinds_of[-1]}): "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items()), file=sys.stderr, flush=True)
+
+    given = json.loads(Path(args.thresholds).read_text()) if args.thresholds else None
+    groups = {"all": [i for i, t in enumerate(truths) if t.any()]}
+    for i, k in enumerate(kinds_of):
+        groups.setdefault(k, []).append(i)
+    n = len(names)
+    best: dict[str, float] = {}
+    print(f"model: {folder} (sha256 {digest[:12]}), data: {args.data} ({n} cases), every "
+          f"{args.z_stride}th brain slice; thresholds: "
+          + ("calibration (" + args.thresholds + ")" if given else "best on these cases (oracle)"))
+    print()
+    print("| option | group | AUPRC | Dice (calibrated) | Dice (oracle) | predicted/true volume "
+          "| healthy flagged % | s/volume |")
+    print("|---|---|---|---|---|---|---|---|")
+    uncertainty_rows = []
+    for o in options:
+        all_scores = np.concatenate([scores[o][i] for i in range(n)])
+        all_truth = np.concatenate(truths)
+        if not all_truth.any():
+            print(f"| {o} | no lesion voxels in these cases | | | | | | |")
+            continue
+        t_oracle, _, _ = threshold_sweep(rank_scores(all_scores, all_truth))
+        best[o] = float(t_oracle)
+        t_cal = float(given[o]) if given and o in given else float(t_oracle)
+        base = "FLAIR baseline" if o == "FLAIR baseline" else None
+        masks_cal, masks_or = [], []
+        for i in range(n):
+            if o == "hysteresis 0.5":
+                mc = _hysteresis(volumes[o][i], t_cal, brains[i], min_voxels)
+                mo = _hysteresis(volumes[o][i], t_oracle, brains[i], min_voxels)
+            else:
+                mc = make_mask(volumes[o][i], t_cal, brains[i], min_voxels) > 0
+                mo = make_mask(volumes[o][i], t_oracle, brains[i], min_voxels) > 0
+            masks_cal.append(mc[brains[i]])
+            masks_or.append(mo[brains[i]])
+        if o == "multi-L mean":
+            wrong = np.concatenate([m != t for m, t in zip(masks_cal, truths, strict=True)])
+            sp = np.concatenate(spreads)
+            right_lesion = np.concatenate([m & t for m, t in zip(masks_cal, truths, strict=True)])
+            uncertainty_rows.append((float(sp[wrong].mean()) if wrong.any() else float("nan"),
+                                     float(sp[~wrong].mean()),
+                                     float(sp[right_lesion].mean()) if right_lesion.any() else float("nan"),
+                                     auroc(rank_scores(sp, wrong)) if wrong.any() else float("nan")))
+        per_volume = (sum(net_seconds.values()) if o.startswith("multi-L") else
+                      net_seconds.get(o, net_seconds[dflt])) / max(n, 1)
+        per_volume += cost.get(o, 0.0) * args.z_stride / max(n, 1)
+        for group, members in groups.items():
+            if group == "healthy" or not members:
+                continue
+            s_g = np.concatenate([scores[o][i] for i in members])
+            t_g = np.concatenate([truths[i] for i in members])
+            if not t_g.any():
+                continue
+            d_cal, ratio = _dice(masks_cal, truths, members)
+            d_or, _ = _dice(masks_or, truths, members)
+            healthy = groups.get("healthy", [])
+            flagged = (100 * sum(int(masks_cal[i].sum()) for i in healthy)
+                       / max(sum(truths[i].size for i in healthy), 1)) if healthy else float("nan")
+            print(f"| {o} | {group} ({len(members)}) | {auprc(rank_scores(s_g, t_g)):.3f} | "
+                  f"{d_cal:.3f} | {d_or:.3f} | {ratio:.2f} | {flagged:.2f} | "
+                  f"{'-' if base else f'{per_volume:.1f}'} |")
+    if uncertainty_rows:
+        w, r, tp, a = uncertainty_rows[0]
+        print()
+        print(f"uncertainty (std of the map over noise levels {levels}), multi-L mask at its "
+              f"threshold: mean {w:.4f} where the mask is wrong, {r:.4f} where it is right "
+              f"({tp:.4f} on correctly found lesion voxels); AUROC of the spread for 'mask wrong' "
+              f"{a:.3f}")
+    if args.write_thresholds:
+        Path(args.write_thresholds).write_text(json.dumps(best, indent=1))
+        print(f"wrote {args.write_thresholds}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
