@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
               f"threshold: mean {w:.4f} where the mask is wrong, {r:.4f} where it is right "
               f"({tp:.4f} on correctly found lesion voxels); AUROC of the spread for 'mask wrong' "
               f"{a:.3f}")
+    print(f"best-Dice thresholds on these cases: {json.dumps({k: round(v, 5) for k, v in best.items()})}")
     if args.write_thresholds:
         Path(args.write_thresholds).write_text(json.dumps(best, indent=1))
         print(f"wrote {args.write_thresholds}")
