@@ -4,7 +4,7 @@
 counterfactual's :class:`Progress` after every network call (so a GUI can show progress and stop
 between steps); it *returns* a :class:`LocalizeResult`. ``localize`` runs it to the end.
 ``remask`` recomputes the mask from a result in milliseconds (the GUI threshold slider), and
-``write_outputs`` writes a result next to its source grid (the CLI, and the widget's save).
+``core.results.write_outputs`` writes a result next to its source grid (the CLI, and the widget's save).
 
 Resolution and where each output is computed
 --------------------------------------------
@@ -58,12 +58,10 @@ __all__ = [
     "THRESHOLD_CHOICES",
     "iter_localize",
     "localize",
-    "output_paths",
     "parse_threshold",
     "prepare_input",
     "remask",
     "resolve_threshold",
-    "write_outputs",
 ]
 
 @dataclass
@@ -596,7 +594,3 @@ def localize(
 ) -> LocalizeResult:
     """Run :func:`iter_localize` to the end (``progress_callback`` gets each Progress)."""
     return drain(iter_localize(model, spec, data, settings, z_slices, **provenance), progress_callback)
-
-
-# The files of a result are written by core.results; these names stay importable from here.
-from .results import output_paths, write_outputs  # noqa: E402
