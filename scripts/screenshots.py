@@ -285,7 +285,7 @@ def cohort(app, out: Path, workdir: Path, model: str, device: str, note: str | N
     from napari_whatishealthy.core.synthetic import synthesise
 
     cases = workdir / "cohort"
-    synthesise(cases, 3, seed=11, voxel_size=2.0, healthy_fraction=0.0)
+    synthesise(cases, 3, seed=11, voxel_size=3.0, healthy_fraction=0.0)
     found = open_cohort(cases)
     for entry in found.cases[:2]:
         drain(run_case(found, entry, model=model, device=device))

@@ -134,3 +134,15 @@ def test_gpu_scale_quick_on_cpu_prints_every_row():
     assert all(float(r[3]) > 0 for r in rows)
     assert "streamed / default steps/s at 16 px, batch 16:" in proc.stdout
     assert proc.stdout.strip().splitlines()[-1].startswith("gpu_scale_rows [")
+
+
+@pytest.mark.gui
+def test_review_tiny_prints_the_table_with_its_reference():
+    out = _run(BENCHMARKS / "review.py", "--tiny")
+    lines = out.splitlines()
+    rows = {line[:58].strip(): line[58:].split() for line in lines
+            if line[:58].strip().startswith(("first run", "second run", "threshold", "reference"))}
+    assert "reference: core remask alone (median)" in rows
+    assert "threshold update incl. redraw (median)" in rows
+    assert rows["threshold update (median of moves)"][1] == "30"  # the target is printed
+    assert all(float(values[0]) > 0 for values in rows.values())

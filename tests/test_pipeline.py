@@ -18,12 +18,11 @@ from napari_whatishealthy.core.pipeline import (
     LocalizeSettings,
     iter_localize,
     localize,
-    output_paths,
     parse_threshold,
     remask,
-    write_outputs,
 )
 from napari_whatishealthy.core.registry import load_model_cached
+from napari_whatishealthy.core.results import output_paths, write_outputs
 from napari_whatishealthy.core.volume import load_volume
 
 
@@ -437,3 +436,24 @@ def test_several_noise_levels_average_the_maps_and_write_their_spread(tiny_check
         LocalizeSettings.from_spec(spec, noise_levels=(0.2, 1.5))
     with pytest.raises(WhatIsHealthyError, match="noise_levels must be a list of at most"):
         LocalizeSettings.from_spec(spec, noise_levels=(0.1,) * 6)
+
+
+def test_edge_erosion_zeroes_the_brain_edge_and_nothing_else(tiny_checkpoint, case_dirs):
+    from napari_whatishealthy.core.anomaly import erode_mask
+
+    model, spec, _ = load_model_cached(tiny_checkpoint, "cpu")
+    data = load_volume(case_dirs[1]).select(spec.modalities).data
+    plain = localize(model, spec, data)
+    eroded = localize(model, spec, data, LocalizeSettings.from_spec(spec, edge_erosion=1))
+    inner = erode_mask(plain.brain, 1)
+    edge = plain.brain & ~inner
+    assert plain.difference[edge].max() > 0  # there was something on the edge to remove
+    assert not eroded.difference[edge].any()
+    np.testing.assert_allclose(eroded.difference[inner], plain.difference[inner], atol=1e-6)
+    # A one-slice preview erodes only a slab, with the same result on its slice.
+    z = int(plain.processed_slices[len(plain.processed_slices) // 2])
+    preview = localize(model, spec, data, LocalizeSettings.from_spec(spec, edge_erosion=1),
+                       z_slices=[z])
+    np.testing.assert_allclose(preview.difference[..., z], eroded.difference[..., z], atol=1e-4)
+    with pytest.raises(WhatIsHealthyError, match="edge_erosion"):
+        LocalizeSettings.from_spec(spec, edge_erosion=-1)

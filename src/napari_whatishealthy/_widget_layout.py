@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QEvent, QObject, Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -107,9 +107,28 @@ def build_layout(w: Any) -> None:
     _settings_box(w, root)
     _run_controls(w, root)
     _mask_box(w, root)
-    # Only vertical scrolling: the dock must not squeeze the controls narrower than they fit.
-    bar = w.scroll_area.verticalScrollBar().sizeHint().width()
-    w.scroll_area.setMinimumWidth(content.minimumSizeHint().width() + bar)
+    # Only vertical scrolling: the dock must not squeeze the controls narrower than they fit,
+    # however wide they grow (model rows, messages).
+    w._width_keeper = _KeepWidth(w.scroll_area, content)
+
+
+class _KeepWidth(QObject):
+    """Keeps a scroll area at least as wide as its content's minimum width."""
+
+    def __init__(self, area: QScrollArea, content: QWidget) -> None:
+        super().__init__(area)
+        self._area, self._content = area, content
+        content.installEventFilter(self)
+        self._update()
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
+        if event.type() in (QEvent.Type.LayoutRequest, QEvent.Type.Show):
+            self._update()
+        return False
+
+    def _update(self) -> None:
+        bar = self._area.verticalScrollBar().sizeHint().width()
+        self._area.setMinimumWidth(self._content.minimumSizeHint().width() + bar)
 
 
 def _model_box(w: Any, root: QVBoxLayout) -> None:
@@ -308,7 +327,7 @@ def _mask_box(w: Any, root: QVBoxLayout) -> None:
     row.addWidget(w.orientation_combo)
     guide = user_guide()
     if guide is not None:  # a source checkout; an installed wheel has no docs folder
-        w.help_label = QLabel(f'<a href="{guide.as_uri()}">Help</a>')
+        w.help_label = QLabel(f'<a style="color:#8ab4ff" href="{guide.as_uri()}">Help</a>')
         w.help_label.setToolTip(f"The user guide: {guide}")
         w.help_label.setOpenExternalLinks(True)
         row.addWidget(w.help_label)

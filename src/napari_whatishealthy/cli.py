@@ -120,6 +120,9 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                         "<case>_uncertainty.nii.gz (one counterfactual per level; 'none': "
                         "the single --noise level)")
     g.add_argument("--steps", type=int, default=None, help="DDIM steps to the noise level")
+    g.add_argument("--edge-erosion", type=int, default=None, dest="edge_erosion",
+                   help="voxels of the brain's edge where the difference is set to 0 (the "
+                        "skull-stripping border is not a lesion); 0: none")
     g.add_argument("--threshold", default=None,
                    help="mask threshold on the difference: a number, 'auto' (the model's "
                         "recommended value) or 'otsu' (per volume)")
@@ -250,7 +253,8 @@ def _run_localize(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .core.cases import choose_for_case, collect_cases
-    from .core.pipeline import check_memory, check_outputs, output_paths, write_outputs
+    from .core.pipeline import check_memory
+    from .core.results import check_outputs, output_paths, write_outputs
     from .core.sharding import current_shard
     from .core.steps import drain
 
@@ -505,10 +509,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except Terminated:
-        print(f"{prefix}: terminated (SIGTERM); earlier outputs are unchanged", file=sys.stderr)
+        print(f"{prefix}: terminated (SIGTERM); no output set is left half-written", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print(f"{prefix}: interrupted; earlier outputs are unchanged", file=sys.stderr)
+        print(f"{prefix}: interrupted; no output set is left half-written", file=sys.stderr)
         return 130
 
 

@@ -19,6 +19,7 @@ except ImportError:  # pragma: no cover - cc3d is a dependency; scipy is the fal
 
 __all__ = [
     "difference_maps",
+    "erode_mask",
     "healthy_percentile_threshold",
     "make_mask",
     "median_smooth",
@@ -65,6 +66,15 @@ def median_smooth(values: np.ndarray, size: int, slice_axis: int | None = -1) ->
         axis = slice_axis % values.ndim
         footprint = tuple(1 if i == axis else int(size) for i in range(values.ndim))
     return ndimage.median_filter(values, size=footprint)
+
+
+def erode_mask(mask: np.ndarray, voxels: int = 1) -> np.ndarray:
+    """Binary erosion by ``voxels`` (face connectivity, outside = background): the brain less its
+    edge, where the peers do not score (the skull-stripping border is not a lesion)."""
+    mask = np.asarray(mask, dtype=bool)
+    if voxels <= 0:
+        return mask.copy()
+    return ndimage.binary_erosion(mask, iterations=int(voxels))
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:

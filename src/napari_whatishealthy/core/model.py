@@ -100,6 +100,9 @@ class InferenceDefaults:
     # per-voxel spread (standard deviation) across them is the uncertainty map. Empty: the one
     # ``noise_level``. Costs one counterfactual per level.
     noise_levels: tuple[float, ...] = ()
+    # Voxels of the brain's edge (3D erosion of the brain mask) where the score is set to 0,
+    # so that the border of the skull stripping is never called a lesion; 0: none.
+    edge_erosion: int = 0
 
 
 @dataclass

@@ -28,6 +28,7 @@ MAX_CLASSIFIER_SCALE = 1e4
 MAX_MEDIAN_SIZE = 15  # in-plane median window; 100000 took 10 GB
 MAX_STEPS = 1000  # the diffusion length
 MAX_INVERSION_REFINEMENTS = 20
+MAX_EDGE_EROSION = 20  # voxels
 MAX_NOISE_LEVELS = 5  # an ensemble of noise levels; each costs a whole counterfactual
 MAX_BATCH_SIZE = 4096
 MAX_SEED = 2**63 - 1  # torch's seed range
@@ -203,6 +204,11 @@ class LocalizeSettings(InferenceDefaults):
         if not is_integer(self.min_component_voxels) or self.min_component_voxels < 0:
             raise WhatIsHealthyError(
                 f"min_component_voxels must be an integer >= 0, got {self.min_component_voxels!r}"
+            )
+        if not is_integer(self.edge_erosion) or not 0 <= self.edge_erosion <= MAX_EDGE_EROSION:
+            raise WhatIsHealthyError(
+                f"edge_erosion must be an integer in [0, {MAX_EDGE_EROSION}] (voxels), got "
+                f"{self.edge_erosion!r}"
             )
         check_seed(self.seed)
         if self.batch_size is not None and (not is_integer(self.batch_size)
