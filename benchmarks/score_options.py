@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     for o in options:
         all_scores = np.concatenate([scores[o][i] for i in range(n)])
         all_truth = np.concatenate(truths)
+        if not all_truth.any():
+            print(f"| {o} | no lesion voxels in these cases | | | | | | |")
+            continue
         t_oracle, _, _ = threshold_sweep(rank_scores(all_scores, all_truth))
         best[o] = float(t_oracle)
         t_cal = float(given[o]) if given and o in given else float(t_oracle)
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                       net_seconds.get(o, net_seconds[dflt])) / max(n, 1)
         per_volume += cost.get(o, 0.0) * args.z_stride / max(n, 1)
         for group, members in groups.items():
-            if group == "healthy":
+            if group == "healthy" or not members:
                 continue
             s_g = np.concatenate([scores[o][i] for i in members])
             t_g = np.concatenate([truths[i] for i in members])
@@ -313,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
               f"threshold: mean {w:.4f} where the mask is wrong, {r:.4f} where it is right "
               f"({tp:.4f} on correctly found lesion voxels); AUROC of the spread for 'mask wrong' "
               f"{a:.3f}")
+    print(f"best-Dice thresholds on these cases: {json.dumps({k: round(v, 5) for k, v in best.items()})}")
     if args.write_thresholds:
         Path(args.write_thresholds).write_text(json.dumps(best, indent=1))
         print(f"wrote {args.write_thresholds}")

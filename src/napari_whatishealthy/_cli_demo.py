@@ -43,7 +43,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     from .core.cases import case_name_from_files
     from .core.figure import save_figure
-    from .core.pipeline import check_outputs, output_paths, write_outputs
+    from .core.results import check_outputs, output_paths, write_outputs
     from .core.steps import drain
     from .core.volume import load_volume
 

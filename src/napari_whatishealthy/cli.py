@@ -253,7 +253,8 @@ def _run_localize(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .core.cases import choose_for_case, collect_cases
-    from .core.pipeline import check_memory, check_outputs, output_paths, write_outputs
+    from .core.pipeline import check_memory
+    from .core.results import check_outputs, output_paths, write_outputs
     from .core.sharding import current_shard
     from .core.steps import drain
 
@@ -508,10 +509,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except Terminated:
-        print(f"{prefix}: terminated (SIGTERM); earlier outputs are unchanged", file=sys.stderr)
+        print(f"{prefix}: terminated (SIGTERM); no output set is left half-written", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print(f"{prefix}: interrupted; earlier outputs are unchanged", file=sys.stderr)
+        print(f"{prefix}: interrupted; no output set is left half-written", file=sys.stderr)
         return 130
 
 

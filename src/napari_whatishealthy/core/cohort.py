@@ -1,6 +1,6 @@
 """A cohort to review: its cases, where each case's outputs are, which are done, and running the
 ones that are not. Qt-free: the widget's cohort panel steps through it; runs go through the same
-:class:`~.session.LocalizeSession` and :func:`~.pipeline.write_outputs` as ``whatishealthy
+:class:`~.session.LocalizeSession` and :func:`~.results.write_outputs` as ``whatishealthy
 localize``, so a case finished here is the same set of files the CLI writes.
 
 Two kinds of folder open as a cohort:
@@ -25,7 +25,7 @@ from typing import Any
 
 from .cases import Case, collect_cases
 from .errors import InputError
-from .pipeline import output_paths
+from .results import output_paths
 
 __all__ = ["Cohort", "CohortCase", "open_cohort", "output_folder_for", "run_case"]
 
@@ -157,7 +157,7 @@ def run_case(
     """Localize one case as ``whatishealthy localize`` does (yielding its progress) and write its
     outputs to the cohort's output folder; returns the paths written."""
     from .cases import choose_for_case
-    from .pipeline import write_outputs
+    from .results import write_outputs
     from .session import LocalizeSession
 
     if entry.case is None:
