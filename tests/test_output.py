@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -30,6 +31,12 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+
+
+def _default_sigint() -> None:
+    """In the child: SIGINT as in a terminal. A shell runs background jobs with SIGINT ignored,
+    and Python then never turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _temps(folder: Path) -> list[str]:
@@ -196,7 +203,8 @@ def test_a_signal_leaves_one_whole_set_and_no_temporary_file(tmp_path, tiny_chec
     script = tmp_path / "run.py"
     script.write_text(_SIGNAL_RUN)
     proc = subprocess.run([sys.executable, str(script), sig, when, *args, "--overwrite",
-                           "--seed", "5"], env=_env(), capture_output=True, text=True, timeout=300)
+                           "--seed", "5"], env=_env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=_default_sigint)
     assert "Traceback" not in proc.stderr
     assert proc.returncode == (143 if sig == "SIGTERM" else 130), proc.stderr
     assert ("terminated" if sig == "SIGTERM" else "interrupted") in proc.stderr

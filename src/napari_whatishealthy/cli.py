@@ -509,10 +509,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except Terminated:
-        print(f"{prefix}: terminated (SIGTERM); earlier outputs are unchanged", file=sys.stderr)
+        print(f"{prefix}: terminated (SIGTERM); no output set is left half-written", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print(f"{prefix}: interrupted; earlier outputs are unchanged", file=sys.stderr)
+        print(f"{prefix}: interrupted; no output set is left half-written", file=sys.stderr)
         return 130
 
 
