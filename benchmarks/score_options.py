@@ -19,9 +19,9 @@ Thresholds: with ``--thresholds calib.json`` (written by a run on the calibratio
 whole volume: the counterfactual time per run scaled by the slice stride, plus the option's own
 post-processing.
 
-    python benchmarks/score_options.py /work/data_v2/calib_s2000 --z-stride 4 \\
+    python benchmarks/score_options.py data_heldout/calib_s2000 --z-stride 4 \\
         --write-thresholds runs/options_calib.json
-    python benchmarks/score_options.py /work/data_v2/test_s1000 --z-stride 4 \\
+    python benchmarks/score_options.py data_heldout/test_s1000 --z-stride 4 \\
         --thresholds runs/options_calib.json
 """
 
