@@ -18,12 +18,11 @@ from napari_whatishealthy.core.pipeline import (
     LocalizeSettings,
     iter_localize,
     localize,
-    output_paths,
     parse_threshold,
     remask,
-    write_outputs,
 )
 from napari_whatishealthy.core.registry import load_model_cached
+from napari_whatishealthy.core.results import output_paths, write_outputs
 from napari_whatishealthy.core.volume import load_volume
 
 

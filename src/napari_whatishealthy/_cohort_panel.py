@@ -11,12 +11,11 @@ writer (on the source grid; inputs and the model's own mask are never written ov
 from __future__ import annotations
 
 import time
-import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import QEvent, QObject, QTimer
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QFileDialog,
     QHBoxLayout,
@@ -29,6 +28,7 @@ from qtpy.QtWidgets import (
 
 from . import _settings as settings
 from ._lesion_table import LesionTable
+from ._widget_run import StopOnWindowClose
 from .core.errors import WhatIsHealthyError
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ AUTOSAVE_MS = 800
 MARKS = {"done": "✓", "edited": "✎", "not run": "·", "inputs missing": "?"}
 
 
-class CohortPanel(QWidget):
+class CohortPanel(StopOnWindowClose, QWidget):
     """Dock widget: step through a cohort's cases and their results."""
 
     def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
@@ -337,20 +337,6 @@ class CohortPanel(QWidget):
         if self._worker is not None:
             self.status.setText("Cancelling at the next step…")
             self._worker.quit()
-
-    def _watch_window_close(self) -> None:
-        window = self.window()
-        watched = getattr(self, "_watched_window", None)
-        if window is not self and (watched is None or watched() is not window):
-            window.installEventFilter(self)
-            self._watched_window = weakref.ref(window)
-
-    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
-        if event.type() == QEvent.Type.Close and self._worker is not None:
-            ref = getattr(self, "_watched_window", None)
-            if ref is not None and watched is ref():
-                self.stop_worker()
-        return super().eventFilter(watched, event)
 
     def stop_worker(self, timeout_s: float = 60.0) -> bool:
         """Quit the background runs and wait for the thread (the viewer is closing)."""

@@ -43,7 +43,28 @@ def stop_and_wait(worker: Any, timeout_s: float) -> bool:
         time.sleep(0.01)
     return not worker.is_running
 
-class RunHandlers:
+
+class StopOnWindowClose:
+    """Mixed into a QWidget with a napari thread worker (``_worker``) and ``stop_worker``:
+    closing the viewer's window stops the run first, so that nothing emits into a closed
+    window."""
+
+    def _watch_window_close(self) -> None:
+        """Stop a run when the viewer's window closes (see :meth:`stop_worker`)."""
+        window = self.window()
+        watched = getattr(self, "_watched_window", None)
+        if window is not self and (watched is None or watched() is not window):
+            window.installEventFilter(self)
+            self._watched_window = weakref.ref(window)  # a strong one would keep the viewer
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
+        if event.type() == QEvent.Type.Close and self._worker is not None:
+            ref = getattr(self, "_watched_window", None)
+            if ref is not None and watched is ref():
+                self.stop_worker()
+        return super().eventFilter(watched, event)
+
+class RunHandlers(StopOnWindowClose):
     """Mixed into :class:`._widget.LocalizeWidget`: starting, following and stopping a run."""
 
     @property
@@ -190,21 +211,6 @@ class RunHandlers:
         self._timer.start()
         self._watch_window_close()
         worker.start()
-
-    def _watch_window_close(self) -> None:
-        """Stop a run when the viewer's window closes (see :meth:`stop_worker`)."""
-        window = self.window()
-        watched = getattr(self, "_watched_window", None)
-        if window is not self and (watched is None or watched() is not window):
-            window.installEventFilter(self)
-            self._watched_window = weakref.ref(window)  # a strong one would keep the viewer
-
-    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
-        if event.type() == QEvent.Type.Close and self._worker is not None:
-            ref = getattr(self, "_watched_window", None)
-            if ref is not None and watched is ref():
-                self.stop_worker()
-        return super().eventFilter(watched, event)
 
     def stop_worker(self, timeout_s: float = 60.0) -> bool:
         """Quit a running job and wait (up to ``timeout_s``) until its thread has ended, so that

@@ -39,6 +39,7 @@ from .model import (
     CheckpointError,
     ModelSpec,
     ScheduleSpec,
+    lists_to_tuples,
     load_state_strict,
     read_safetensors,
     read_spec_json,
@@ -152,7 +153,7 @@ class ClassifierSpec:
                 f"{CLASSIFIER_FORMAT!r})"
             )
         try:
-            network = ClassifierNetworkSpec(**_tuples(data.pop("network", {})))
+            network = ClassifierNetworkSpec(**lists_to_tuples(data.pop("network", {})))
             schedule = ScheduleSpec(**data.pop("schedule", {}))
             inference = ClassifierDefaults(**data.pop("inference", {}))
             if "modalities" in data:
@@ -171,10 +172,6 @@ class ClassifierSpec:
 
         check_classifier_spec(where, spec)
         return spec
-
-
-def _tuples(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 class NoisyClassifier(nn.Module):

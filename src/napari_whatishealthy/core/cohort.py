@@ -1,6 +1,6 @@
 """A cohort to review: its cases, where each case's outputs are, which are done, and running the
 ones that are not. Qt-free: the widget's cohort panel steps through it; runs go through the same
-:class:`~.session.LocalizeSession` and :func:`~.pipeline.write_outputs` as ``whatishealthy
+:class:`~.session.LocalizeSession` and :func:`~.results.write_outputs` as ``whatishealthy
 localize``, so a case finished here is the same set of files the CLI writes.
 
 Two kinds of folder open as a cohort:

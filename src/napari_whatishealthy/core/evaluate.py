@@ -405,6 +405,10 @@ def summarise(
     }
 
 
+SCORING = ("voxels inside the brain; truth = seg > 0; Dice from post-processed masks (median "
+           "filter, brain restriction, small components removed); AUROC/AUPRC from raw scores")
+
+
 def evaluate(
     data: str | Path,
     model: Any,
@@ -478,9 +482,7 @@ def evaluate(
         **({"classifier": classifier_info or {"name": getattr(
             getattr(classifier, "spec", None), "name", None)}}
            if settings.method == "classifier" else {}),
-        "scoring": "voxels inside the brain; truth = seg > 0; Dice from post-processed masks "
-                   "(median filter, brain restriction, small components removed); AUROC/AUPRC "
-                   "from raw scores",
+        "scoring": SCORING,
     }
     calibration_name = str(calibration) if calibration else None
     report.update(summarise(cases, settings, calib_cases, calibration_name))

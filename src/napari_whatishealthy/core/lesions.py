@@ -59,6 +59,26 @@ def _check_same_shape(name: str, array: np.ndarray | None, shape: tuple[int, ...
         )
 
 
+def _checked_mask(mask: np.ndarray, difference: np.ndarray, uncertainty: np.ndarray | None,
+                  slice_axis: int) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise InputError(f"a lesion table needs a 3D mask, got {mask.ndim}D")
+    shape = tuple(mask.shape)
+    _check_same_shape("difference", difference, shape)
+    _check_same_shape("uncertainty", uncertainty, shape)
+    if not 0 <= slice_axis < 3:
+        raise InputError(f"slice_axis must be 0, 1 or 2, got {slice_axis}")
+    return mask
+
+
+def _checked_affine(affine: np.ndarray | None) -> np.ndarray | None:
+    matrix = None if affine is None else np.asarray(affine, dtype=float)
+    if matrix is not None and matrix.shape != (4, 4):
+        raise InputError(f"the affine must be 4 x 4, got {matrix.shape}")
+    return matrix
+
+
 def lesion_table(
     mask: np.ndarray,
     difference: np.ndarray,
@@ -75,14 +95,7 @@ def lesion_table(
     """
     import cc3d
 
-    mask = np.asarray(mask)
-    if mask.ndim != 3:
-        raise InputError(f"a lesion table needs a 3D mask, got {mask.ndim}D")
-    shape = tuple(mask.shape)
-    _check_same_shape("difference", difference, shape)
-    _check_same_shape("uncertainty", uncertainty, shape)
-    if not 0 <= slice_axis < 3:
-        raise InputError(f"slice_axis must be 0, 1 or 2, got {slice_axis}")
+    mask = _checked_mask(mask, difference, uncertainty, slice_axis)
     foreground = mask > 0
     box = bounding_box(foreground)
     if box is None:
@@ -108,9 +121,7 @@ def lesion_table(
         unc_sums = np.bincount(ids, weights=unc, minlength=n + 1)
     centroids = np.asarray(stats["centroids"], dtype=float) + offset
     boxes = stats["bounding_boxes"]
-    matrix = None if affine is None else np.asarray(affine, dtype=float)
-    if matrix is not None and matrix.shape != (4, 4):
-        raise InputError(f"the affine must be 4 x 4, got {matrix.shape}")
+    matrix = _checked_affine(affine)
     voxel_ml = float(voxel_volume_mm3) / 1000.0
     lesions: list[Lesion] = []
     for label in range(1, n + 1):

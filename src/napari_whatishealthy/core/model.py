@@ -145,9 +145,9 @@ class ModelSpec:
             raise CheckpointError(f"{prefix}unknown spec format {fmt!r} (this version reads "
                                   f"{SPEC_FORMAT!r})")
         try:
-            network = NetworkSpec(**_tuples(data.pop("network", {})))
+            network = NetworkSpec(**lists_to_tuples(data.pop("network", {})))
             schedule = ScheduleSpec(**data.pop("schedule", {}))
-            inference = InferenceDefaults(**_tuples(data.pop("inference", {})))
+            inference = InferenceDefaults(**lists_to_tuples(data.pop("inference", {})))
             if "modalities" in data:
                 data["modalities"] = tuple(data["modalities"])
             spec = cls(network=network, schedule=schedule, inference=inference, **data)
@@ -158,7 +158,8 @@ class ModelSpec:
         return spec
 
 
-def _tuples(d: dict[str, Any]) -> dict[str, Any]:
+def lists_to_tuples(d: dict[str, Any]) -> dict[str, Any]:
+    """A spec section read from JSON with its lists as tuples (the dataclasses' field types)."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 

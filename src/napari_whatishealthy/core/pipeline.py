@@ -4,7 +4,7 @@
 counterfactual's :class:`Progress` after every network call (so a GUI can show progress and stop
 between steps); it *returns* a :class:`LocalizeResult`. ``localize`` runs it to the end.
 ``remask`` recomputes the mask from a result in milliseconds (the GUI threshold slider), and
-``write_outputs`` writes a result next to its source grid (the CLI, and the widget's save).
+``core.results.write_outputs`` writes a result next to its source grid (the CLI, and the widget's save).
 
 Resolution and where each output is computed
 --------------------------------------------
@@ -58,12 +58,10 @@ __all__ = [
     "THRESHOLD_CHOICES",
     "iter_localize",
     "localize",
-    "output_paths",
     "parse_threshold",
     "prepare_input",
     "remask",
     "resolve_threshold",
-    "write_outputs",
 ]
 
 @dataclass
@@ -415,15 +413,8 @@ def _run(
     scored = _scored_region(brain, sub.slice_index, int(settings.edge_erosion))
     difference, per_channel, healthy = _volume_outputs(data, prepared, sub, per_level[0],
                                                        settings.median_size, scored)
-    uncertainty = None
-    if len(per_level) > 1:
-        # The mean of the levels' maps is the score; their spread says where it is unsure.
-        # (The healthy image shown is the first level's.)
-        maps = [difference] + [_volume_outputs(data, prepared, sub, h, settings.median_size,
-                                               scored)[0] for h in per_level[1:]]
-        stack = np.stack(maps)
-        difference = stack.mean(axis=0, dtype=np.float32)
-        uncertainty = stack.std(axis=0, dtype=np.float32)
+    difference, uncertainty = _over_levels(difference, per_level, data, prepared, sub,
+                                           settings.median_size, scored)
     recommended = float(spec.inference.threshold)
     region = _processed_range(sub.slice_index)
     threshold_used = resolve_threshold(settings.threshold, difference[region], brain[region],
@@ -467,6 +458,19 @@ def _run(
         warnings=warnings,
         uncertainty=uncertainty,
     )
+
+
+def _over_levels(difference: np.ndarray, per_level: list[np.ndarray], data: np.ndarray,
+                 prepared: PreparedVolume, sub: PreparedVolume, median_size: int,
+                 scored: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(score, uncertainty): with several noise levels the mean of their maps is the score and
+    their spread says where it is unsure (the healthy image shown is the first level's)."""
+    if len(per_level) < 2:
+        return difference, None
+    maps = [difference] + [_volume_outputs(data, prepared, sub, h, median_size, scored)[0]
+                           for h in per_level[1:]]
+    stack = np.stack(maps)
+    return stack.mean(axis=0, dtype=np.float32), stack.std(axis=0, dtype=np.float32)
 
 
 def _warnings(prepared: PreparedVolume, sub: PreparedVolume) -> list[str]:
@@ -590,7 +594,3 @@ def localize(
 ) -> LocalizeResult:
     """Run :func:`iter_localize` to the end (``progress_callback`` gets each Progress)."""
     return drain(iter_localize(model, spec, data, settings, z_slices, **provenance), progress_callback)
-
-
-# The files of a result are written by core.results; these names stay importable from here.
-from .results import output_paths, write_outputs  # noqa: E402

@@ -375,14 +375,10 @@ def wait_for_store(store: str | Path, case_dirs: Sequence[Path], prep: Preproces
         time.sleep(poll_s)
 
 
-def _build(store: Path, case_dirs: list[Path], prep: Preprocessing, old_index: dict | None,
-           workers: int, log: Callable[[str], None], show_progress: bool) -> None:
-    started = time.time()
-    store.mkdir(parents=True, exist_ok=True)
-    # Not complete from here on: a crash leaves a store that is seen as half-built.
-    (store / INDEX_FILE).unlink(missing_ok=True)
-    parts = store / PARTS_DIR
-    parts.mkdir(exist_ok=True)
+def _plan_sources(store: Path, parts: Path, case_dirs: list[Path], prep: Preprocessing,
+                  old_index: dict | None) -> tuple[Any, list[tuple[str, Any]], list]:
+    """Where each case's rows come from: copied from the old store (unchanged case), a part
+    finished by an earlier, interrupted build, or prepared now (``todo``)."""
     old_cases = {c["name"]: c for c in (old_index or {}).get("cases", [])}
     old_store = None
     if old_index is not None and (store / SLICES_FILE).exists():
@@ -390,8 +386,6 @@ def _build(store: Path, case_dirs: list[Path], prep: Preprocessing, old_index: d
             old_store = SliceStore(store, _index=old_index)
         except (OSError, ValueError, StoreError):
             old_store = None
-
-    # Each case: copied from the old store, a finished part, or built now.
     sources: list[tuple[str, Any]] = []
     todo: list[tuple[int, Path, Path]] = []
     for i, case in enumerate(case_dirs):
@@ -404,6 +398,36 @@ def _build(store: Path, case_dirs: list[Path], prep: Preprocessing, old_index: d
         sources.append(("part", part))
         if not part.exists():
             todo.append((i, case, part))
+    return old_store, sources, todo
+
+
+def _write_index(store: Path, prep: Preprocessing, shape: tuple[int, ...], records: list[dict],
+                 started: float, workers: int, inputs: list[Path]) -> None:
+    """The index, written last: its presence means the store is complete."""
+    index = {
+        "format": FORMAT,
+        "preprocessing": prep.to_dict(),
+        "shape": list(shape),
+        "dtype": prep.dtype,
+        "cases": records,
+        "built_s": round(time.time() - started, 2),
+        "finished_at": time.time(),
+        "workers": workers,
+    }
+    text = json.dumps(index, indent=1)
+    write_file(store / INDEX_FILE, lambda tmp: Path(tmp).write_text(text), inputs,
+               overwrite=True)
+
+
+def _build(store: Path, case_dirs: list[Path], prep: Preprocessing, old_index: dict | None,
+           workers: int, log: Callable[[str], None], show_progress: bool) -> None:
+    started = time.time()
+    store.mkdir(parents=True, exist_ok=True)
+    # Not complete from here on: a crash leaves a store that is seen as half-built.
+    (store / INDEX_FILE).unlink(missing_ok=True)
+    parts = store / PARTS_DIR
+    parts.mkdir(exist_ok=True)
+    old_store, sources, todo = _plan_sources(store, parts, case_dirs, prep, old_index)
     reused = len(case_dirs) - len(todo)
     if reused:
         log(f"slice store: {reused} of {len(case_dirs)} cases already prepared, "
@@ -459,19 +483,7 @@ def _build(store: Path, case_dirs: list[Path], prep: Preprocessing, old_index: d
     shape = (len(labels), *row_shape)
     for name, values in ((LABELS_FILE, labels), (OWNERS_FILE, owners)):
         write_file(store / name, lambda tmp, v=values: np.save(tmp, v), inputs, overwrite=True)
-    index = {
-        "format": FORMAT,
-        "preprocessing": prep.to_dict(),
-        "shape": list(shape),
-        "dtype": prep.dtype,
-        "cases": records,
-        "built_s": round(time.time() - started, 2),
-        "finished_at": time.time(),
-        "workers": workers,
-    }
-    text = json.dumps(index, indent=1)
-    write_file(store / INDEX_FILE, lambda tmp: Path(tmp).write_text(text), inputs,
-               overwrite=True)
+    _write_index(store, prep, shape, records, started, workers, inputs)
     shutil.rmtree(parts, ignore_errors=True)
     log(f"slice store {store}: {shape[0]} slices of {len(case_dirs)} cases, "
         f"{shape[0] * int(np.prod(row_shape)) * dtype.itemsize / 2**20:.0f} MiB, "
