@@ -285,10 +285,13 @@ def cohort(app, out: Path, workdir: Path, model: str, device: str, note: str | N
     from napari_whatishealthy.core.synthetic import synthesise
 
     cases = workdir / "cohort"
-    synthesise(cases, 3, seed=11, voxel_size=3.0, healthy_fraction=0.0)
+    if not cases.exists():
+        synthesise(cases, 3, seed=11, voxel_size=3.0, healthy_fraction=0.0)
     found = open_cohort(cases)
     for entry in found.cases[:2]:
-        drain(run_case(found, entry, model=model, device=device))
+        if not entry.done:
+            drain(run_case(found, entry, model=model, device=device))
+        entry.edited_mask.unlink(missing_ok=True)
     settings = get_plugin_settings(PLUGIN)
     saved = settings.run.model
     viewer = napari.Viewer(title="napari: What is Healthy?", show=True)
@@ -298,12 +301,17 @@ def cohort(app, out: Path, workdir: Path, model: str, device: str, note: str | N
     viewer.camera.orientation2d = ("up", "left")
     if panel.lesion_table.lesions:
         panel.lesion_table.go_to(panel.lesion_table.lesions[0])
+    panel.parentWidget().setMinimumWidth(440)
     mask = panel.mask_layer
-    if mask is not None:
+    if mask is not None:  # a correction: a few voxels of the true lesion the mask missed
         viewer.layers.selection.active = mask
         z = int(viewer.dims.current_step[0])
-        a, r = (int(v) for v in np.asarray(mask.data.shape[1:]) // 2)
-        mask.paint((z, a, r), 1)
+        truth = next((lay for lay in viewer.layers if lay.name == "seg"), None)
+        missed = (np.argwhere((truth.data[z] > 0) & (mask.data[z] == 0))
+                  if truth is not None else np.zeros((0, 2)))
+        mask.brush_size = 2
+        for a, r in missed[:: max(1, len(missed) // 6)][:6]:
+            mask.paint((z, int(a), int(r)), 1)
     settle(app, 1.5)  # the autosave
     shoot(viewer, app, out / "13-cohort.png", note)
     settings.run.model = saved

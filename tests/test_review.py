@@ -172,6 +172,8 @@ def test_lesion_table_follows_the_mask_and_jumps_to_a_lesion(make_napari_viewer,
     assert table.table.item(0, 1).text() == f"{80 * 2 / 1000:.2f}"  # mL with the 2 mm slices
     assert table.table.isColumnHidden(4)  # no uncertainty map: no column for it
     assert list(layer.features["voxels"]) == [80, 2]  # other plugins read it from the layer
+    assert list(layer.features["index"]) == [-1, -2]  # rows are lesions, not label values
+    assert layer.get_status((3, 11, 12)).get("coordinates", "").count("voxels") == 0
 
     table.table.cellClicked.emit(1, 0)  # the small lesion, on slice 12
     assert viewer.dims.point[0] == pytest.approx(layer.data_to_world((12, 0, 0))[0])

@@ -132,7 +132,12 @@ class LesionTable(QWidget):
             self.lesions = lesion_table(data, self._difference, voxel_mm3,
                                         uncertainty=self._uncertainty,
                                         affine=data_to_world_matrix(layer), slice_axis=0)
-            layer.features = lesion_features(self.lesions)
+            features = lesion_features(self.lesions)
+            # Rows are lesions (connected pieces), not label values: napari maps a label to
+            # the row whose "index" is that label, and no label is negative, so hovering over
+            # a voxel of label 1 does not show the first lesion's row for every lesion.
+            features["index"] = -features["lesion"]
+            layer.features = features
         self._fill()
         self.updated.emit()
         return self.lesions
