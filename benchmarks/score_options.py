@@ -19,9 +19,9 @@ Thresholds: with ``--thresholds calib.json`` (written by a run on the calibratio
 whole volume: the counterfactual time per run scaled by the slice stride, plus the option's own
 post-processing.
 
-    python benchmarks/score_options.py /work/data_v2/calib_s2000 --z-stride 4 \\
+    python benchmarks/score_options.py data_heldout/calib_s2000 --z-stride 4 \\
         --write-thresholds runs/options_calib.json
-    python benchmarks/score_options.py /work/data_v2/test_s1000 --z-stride 4 \\
+    python benchmarks/score_options.py data_heldout/test_s1000 --z-stride 4 \\
         --thresholds runs/options_calib.json
 """
 
@@ -172,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     dflt = f"L={default_level:g}"
 
     options = ["default", "erode 2", "erode 4", "model median 5", "full resolution",
-               "hysteresis 0.5"] + [k for k in configs if k != dflt] + ["multi-L mean",
-                                                                          "multi-L mean, erode 2"]
+               "hysteresis 0.5"] + [k for k in configs if k != dflt]
+    if len(levels) > 1:
+        options += ["multi-L mean", "multi-L mean, erode 4"]
+    if "inversion normalisation" in configs:
+        options.append("inversion normalisation, erode 4")
     options.append("FLAIR baseline")
     scores: dict[str, list[np.ndarray]] = {o: [] for o in options}
     volumes: dict[str, list[np.ndarray]] = {o: [] for o in options}  # full-grid maps, per case
@@ -223,11 +226,14 @@ def main(argv: list[str] | None = None) -> int:
                 cost[key] += time.time() - t0
             if key.startswith("L="):
                 level_maps.append(m)
+        if "inversion normalisation" in maps:
+            maps["inversion normalisation, erode 4"] = (maps["inversion normalisation"]
+                                                        * erode_mask(brain, 4)[..., z])
         stack = np.stack(level_maps)
         t0 = time.time()
         maps["multi-L mean"] = stack.mean(axis=0)
-        cost["multi-L mean"] += time.time() - t0
-        maps["multi-L mean, erode 2"] = maps["multi-L mean"] * erode_mask(brain, 2)[..., z]
+        cost["multi-L mean"] = cost.get("multi-L mean", 0.0) + time.time() - t0
+        maps["multi-L mean, erode 4"] = maps["multi-L mean"] * erode_mask(brain, 4)[..., z]
         spread = stack.std(axis=0)
         flair, _ = normalise(volume.data[[spec.modalities.index("flair")]], brain)
         maps["FLAIR baseline"] = median_smooth(flair[0][..., z], 3, slice_axis=-1) * brain_idx
@@ -283,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                 mo = make_mask(volumes[o][i], t_oracle, brains[i], min_voxels) > 0
             masks_cal.append(mc[brains[i]])
             masks_or.append(mo[brains[i]])
-        if o == "multi-L mean":
+        if o == "multi-L mean, erode 4":  # the spread where the (default-like) mask is wrong
             wrong = np.concatenate([m != t for m, t in zip(masks_cal, truths, strict=True)])
             sp = np.concatenate(spreads)
             right_lesion = np.concatenate([m & t for m, t in zip(masks_cal, truths, strict=True)])
@@ -292,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                                      float(sp[right_lesion].mean()) if right_lesion.any() else float("nan"),
                                      auroc(rank_scores(sp, wrong)) if wrong.any() else float("nan")))
         per_volume = (sum(net_seconds.values()) if o.startswith("multi-L") else
-                      net_seconds.get(o, net_seconds[dflt])) / max(n, 1)
+                      net_seconds.get(o.split(",")[0], net_seconds[dflt])) / max(n, 1)
         per_volume += cost.get(o, 0.0) * args.z_stride / max(n, 1)
         for group, members in groups.items():
             if group == "healthy" or not members:
