@@ -52,6 +52,7 @@ class LocalizeWidget(ModelChoice, RunHandlers, ResultHandlers, SettingsHandlers,
         self._classifier_error: str | None = None
         self._session: ResultSession | None = None
         self._worker = None
+        self._applying: object | None = None  # a returned result whose layers are being added
         self._job_context: dict[str, Any] | None = None
         self._cancel_requested = False
         self._started = 0.0

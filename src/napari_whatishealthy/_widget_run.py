@@ -9,7 +9,7 @@ import weakref
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QEvent, QObject
+from qtpy.QtCore import QEvent, QObject, QTimer
 
 from ._layers import from_napari, source_metadata
 from ._widget_layout import SCOPE_SLICE
@@ -22,6 +22,8 @@ from ._widget_state import (
 from .core.errors import WhatIsHealthyError
 
 log = logging.getLogger(__name__)
+
+APPLY_PAUSE_MS = 10  # between the steps of adding a result's layers
 
 
 
@@ -69,7 +71,8 @@ class RunHandlers(StopOnWindowClose):
 
     @property
     def is_running(self) -> bool:
-        return self._worker is not None
+        # Also while a returned result's layers are still being added (one per event-loop turn).
+        return self._worker is not None or getattr(self, "_applying", None) is not None
 
     def _update_run_enabled(self) -> None:
         ready = (
@@ -78,7 +81,7 @@ class RunHandlers(StopOnWindowClose):
             and all(c.currentText() for c in self._modality_combos.values())
         )
         self.run_button.setEnabled(ready and not self.is_running)
-        self.cancel_button.setEnabled(self.is_running)
+        self.cancel_button.setEnabled(self._worker is not None)  # not while layers are added
 
     def _build_request(self) -> tuple[JobRequest, dict[str, Any]]:
         """The job of a run from the controls, and what showing its result needs."""
@@ -216,6 +219,9 @@ class RunHandlers(StopOnWindowClose):
         """Quit a running job and wait (up to ``timeout_s``) until its thread has ended, so that
         nothing emits into a closed window. The result of a run stopped so is dropped. Returns
         whether no job is left running."""
+        if getattr(self, "_applying", None) is not None:
+            self._applying = None  # a result still being shown is dropped
+            self._timer.stop()
         worker = self._worker
         if worker is None:
             return True
@@ -286,18 +292,44 @@ class RunHandlers(StopOnWindowClose):
             show_warning(f"What is Healthy?: {message}")
             return
         try:
-            self._apply_result(value, self._job_context or {})
+            steps = self._result_steps(value, self._job_context or {})
         except WhatIsHealthyError as exc:
             self._notify_error(str(exc))
             return
-        seconds = time.monotonic() - self._started
         z_slices = (self._job_context or {}).get("z_slices")
         scope = f"axial slice {z_slices[0]}" if z_slices else "whole volume"
+        self.status.setText("Adding the result layers…")
+        # One step per event-loop turn, so that the UI never waits on all the layers at once;
+        # the run counts as running (Run disabled) until the last step.
+        self._applying = token = object()
+        self._apply_next(token, iter(steps), value, scope)
+
+    def _apply_next(self, token: object, steps: Any, value: Any, scope: str) -> None:
+        if getattr(self, "_applying", None) is not token:  # dropped (window closed, new run)
+            return
+        step = next(steps, None)
+        if step is not None:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - a timer callback: report, end the run
+                if not isinstance(exc, WhatIsHealthyError):
+                    log.exception("showing the result failed")
+                self._applying = None
+                self._notify_error(str(exc))
+                self.status.setText(f"Failed: {exc}")
+                self._on_finished()
+                return
+            # A short pause, not 0: the canvas draws the new layer before the next one is added.
+            QTimer.singleShot(APPLY_PAUSE_MS, lambda: self._apply_next(token, steps, value, scope))
+            return
+        self._applying = None
+        seconds = time.monotonic() - self._started
         self.status.setText(f"Done in {seconds:.1f} s ({scope})")
         for warning in getattr(value, "warnings", []) or []:
             from napari.utils.notifications import show_warning
 
             show_warning(f"What is Healthy?: {warning}")
+        self._on_finished()
 
     def _on_aborted(self) -> None:
         self.status.setText(f"Cancelled after {self._elapsed()}: the layers are unchanged")
@@ -308,8 +340,11 @@ class RunHandlers(StopOnWindowClose):
         self.status.setText(f"Failed: {self.last_error}")
 
     def _on_finished(self) -> None:
-        self._timer.stop()
         self._worker = None
+        if getattr(self, "_applying", None) is not None:
+            self._update_run_enabled()  # Cancel off: the run itself is over
+            return  # the last step of adding the layers finishes the run
+        self._timer.stop()
         self._job_context = None
         self._first_step = None
         self._phase_text = "Running"
