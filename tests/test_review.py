@@ -20,16 +20,6 @@ RESULTS = ("flair healthy", "flair difference", "flair mask")
 TIMEOUT_MS = 120_000
 
 
-@pytest.fixture
-def lesion_case(case_dirs) -> Path:
-    from napari_whatishealthy.core.volume import load_volume
-
-    for case in case_dirs:
-        if (load_volume(case).segmentation > 0).any():
-            return case
-    pytest.skip("no lesion case in the synthetic set")
-
-
 def docked(make_napari_viewer, case: Path, checkpoint: Path, show: bool = False):
     """The viewer with ``case`` open and the widget docked from the manifest."""
     viewer = make_napari_viewer(show=show)
