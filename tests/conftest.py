@@ -73,6 +73,17 @@ def case_dirs(synthetic_cases) -> list[Path]:
 
 
 @pytest.fixture
+def lesion_case(case_dirs) -> Path:
+    """A case of the synthetic set (``case_dirs``) whose segmentation holds a lesion."""
+    from napari_whatishealthy.core.volume import load_volume
+
+    for case in case_dirs:
+        if (load_volume(case).segmentation > 0).any():
+            return case
+    pytest.skip("no lesion case in the synthetic set")
+
+
+@pytest.fixture
 def cases_copy(synthetic_cases, tmp_path) -> Path:
     """A private copy of the synthetic cases, for tests that write next to them."""
     dest = tmp_path / "cases"

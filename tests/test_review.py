@@ -20,16 +20,6 @@ RESULTS = ("flair healthy", "flair difference", "flair mask")
 TIMEOUT_MS = 120_000
 
 
-@pytest.fixture
-def lesion_case(case_dirs) -> Path:
-    from napari_whatishealthy.core.volume import load_volume
-
-    for case in case_dirs:
-        if (load_volume(case).segmentation > 0).any():
-            return case
-    pytest.skip("no lesion case in the synthetic set")
-
-
 def docked(make_napari_viewer, case: Path, checkpoint: Path, show: bool = False):
     """The viewer with ``case`` open and the widget docked from the manifest."""
     viewer = make_napari_viewer(show=show)
@@ -414,10 +404,15 @@ def test_progress_reads_in_percent_and_resets_after_a_cancel(make_napari_viewer,
     assert widget.progress.text() == "" and widget.progress.format() == ""  # nothing before a run
     assert widget.result_box.isHidden()  # no threshold to show before a result
     seen = []
+    on_yielded = widget._on_yielded
+
+    def watch(item):  # hooked in before the worker starts, so no early step is missed
+        on_yielded(item)
+        seen.append((widget.progress.text(), widget.status.text()))
+
+    widget._on_yielded = watch
     widget.steps.setValue(6)
     widget.run()
-    widget._worker.yielded.connect(lambda _item: seen.append(
-        (widget.progress.text(), widget.status.text())))
     qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT_MS)
     texts = [text for text, _ in seen if text]
     assert texts and all(t.endswith("%") for t in texts)
@@ -425,9 +420,14 @@ def test_progress_reads_in_percent_and_resets_after_a_cancel(make_napari_viewer,
     assert any("left" in status for _, status in seen[2:])  # a time estimate once paced
     assert widget.progress.format() == "done" and not widget.result_box.isHidden()
 
+    def cancel_at_first_step(item):
+        on_yielded(item)
+        if hasattr(item, "step"):
+            widget.cancel()
+
+    widget._on_yielded = cancel_at_first_step
     widget.steps.setValue(12)
     widget.run()
-    widget._worker.yielded.connect(lambda item: hasattr(item, "step") and widget.cancel())
     qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT_MS)
     assert "Cancelled" in widget.status.text()
     assert widget.progress.value() == 0 and widget.progress.text() == ""  # not "4 / 60"

@@ -96,17 +96,6 @@ def errors_shown(monkeypatch) -> list[str]:
     return shown
 
 
-@pytest.fixture
-def lesion_case(case_dirs) -> Path:
-    """A case of conftest's synthetic set whose segmentation holds a lesion."""
-    from napari_whatishealthy.core.volume import load_volume
-
-    for case in case_dirs:
-        if (load_volume(case).segmentation > 0).any():
-            return case
-    pytest.skip("no lesion case in the synthetic set")
-
-
 def _setup(make_napari_viewer, case: Path, checkpoint: Path, show: bool = False):
     viewer = make_napari_viewer(show=show)
     viewer.open(str(case), plugin=PLUGIN)

@@ -17,13 +17,11 @@ says it is a classifier, so that neither kind of checkpoint can be loaded as the
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -37,12 +35,13 @@ from .model import (
     UNHEALTHY,
     WEIGHTS_FILE,
     CheckpointError,
+    JSONSpec,
     ModelSpec,
     ScheduleSpec,
-    lists_to_tuples,
     load_state_strict,
     read_safetensors,
     read_spec_json,
+    spec_from_sections,
     write_checkpoint_files,
 )
 
@@ -96,13 +95,14 @@ class ClassifierDefaults:
 
 
 @dataclass
-class ClassifierSpec:
+class ClassifierSpec(JSONSpec):
     """Everything needed to rebuild a classifier and use it with a diffusion model (JSON).
 
     ``schedule`` is the diffusion process whose noisy images it was trained on; it must match the
     diffusion model's. ``max_timestep``: the largest timestep it was trained on (None: all).
     """
 
+    FORMAT: ClassVar[str] = CLASSIFIER_FORMAT
     image_size: int = 64
     modalities: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
     labels: dict[str, int] = field(default_factory=lambda: dict(CLASSIFIER_LABELS))
@@ -129,14 +129,6 @@ class ClassifierSpec:
             ts = ts[ts <= int(self.max_timestep)]
         return ts
 
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["format"] = CLASSIFIER_FORMAT
-        return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "") -> ClassifierSpec:
         data = dict(data)
@@ -152,17 +144,10 @@ class ClassifierSpec:
                 f"{prefix}unknown classifier spec format {fmt!r} (this version reads "
                 f"{CLASSIFIER_FORMAT!r})"
             )
-        try:
-            network = ClassifierNetworkSpec(**lists_to_tuples(data.pop("network", {})))
-            schedule = ScheduleSpec(**data.pop("schedule", {}))
-            inference = ClassifierDefaults(**data.pop("inference", {}))
-            if "modalities" in data:
-                data["modalities"] = tuple(data["modalities"])
-            spec = cls(network=network, schedule=schedule, inference=inference, **data)
-        except (TypeError, AttributeError, ValueError) as exc:
-            raise CheckpointError(
-                f"{prefix}the classifier spec has unknown or missing fields, or malformed ones ({exc})"
-            ) from None
+        spec = spec_from_sections(
+            cls, data, ClassifierNetworkSpec, ClassifierDefaults,
+            f"{prefix}the classifier spec has unknown or missing fields, or malformed ones",
+        )
         if not isinstance(spec.labels, dict) or sorted(spec.labels) != sorted(CLASSIFIER_LABELS):
             raise CheckpointError(
                 f"{prefix}the classifier's labels must be {sorted(CLASSIFIER_LABELS)}, got "

@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -105,9 +105,25 @@ class InferenceDefaults:
     edge_erosion: int = 0
 
 
+class JSONSpec:
+    """``to_dict`` / ``to_json`` of a spec dataclass: its fields plus ``format`` (``FORMAT``)."""
+
+    FORMAT: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)  # type: ignore[call-overload]
+        data["format"] = self.FORMAT
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
 @dataclass
-class ModelSpec:
+class ModelSpec(JSONSpec):
     """Everything needed to rebuild a model and use it correctly, serialisable to JSON."""
+
+    FORMAT: ClassVar[str] = SPEC_FORMAT
 
     image_size: int = 64
     modalities: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
@@ -124,14 +140,6 @@ class ModelSpec:
     def in_channels(self) -> int:
         return len(self.modalities)
 
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["format"] = SPEC_FORMAT
-        return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "") -> ModelSpec:
         """A spec from its JSON object, every field checked against the schema of
@@ -144,16 +152,8 @@ class ModelSpec:
         if fmt != SPEC_FORMAT:
             raise CheckpointError(f"{prefix}unknown spec format {fmt!r} (this version reads "
                                   f"{SPEC_FORMAT!r})")
-        try:
-            network = NetworkSpec(**lists_to_tuples(data.pop("network", {})))
-            schedule = ScheduleSpec(**data.pop("schedule", {}))
-            inference = InferenceDefaults(**lists_to_tuples(data.pop("inference", {})))
-            if "modalities" in data:
-                data["modalities"] = tuple(data["modalities"])
-            spec = cls(network=network, schedule=schedule, inference=inference, **data)
-        except (TypeError, AttributeError, ValueError) as exc:
-            raise CheckpointError(f"{prefix}the model spec has unknown, missing or malformed "
-                                  f"fields ({exc})") from None
+        spec = spec_from_sections(cls, data, NetworkSpec, InferenceDefaults,
+                                  f"{prefix}the model spec has unknown, missing or malformed fields")
         check_model_spec(where, spec)
         return spec
 
@@ -161,6 +161,22 @@ class ModelSpec:
 def lists_to_tuples(d: dict[str, Any]) -> dict[str, Any]:
     """A spec section read from JSON with its lists as tuples (the dataclasses' field types)."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def spec_from_sections(cls: type, data: dict[str, Any], network_cls: type, inference_cls: type, error: str):
+    """``cls`` (a model or classifier spec) built from its JSON object (``format`` already
+    removed): the network, schedule and inference sections as their dataclasses, lists as
+    tuples. Unknown, missing or malformed fields raise :class:`CheckpointError` ``error (why)``."""
+    data = dict(data)
+    try:
+        network = network_cls(**lists_to_tuples(data.pop("network", {})))
+        schedule = ScheduleSpec(**data.pop("schedule", {}))
+        inference = inference_cls(**lists_to_tuples(data.pop("inference", {})))
+        if "modalities" in data:
+            data["modalities"] = tuple(data["modalities"])
+        return cls(network=network, schedule=schedule, inference=inference, **data)
+    except (TypeError, AttributeError, ValueError) as exc:
+        raise CheckpointError(f"{error} ({exc})") from None
 
 
 class ConditionalUNet(nn.Module):
