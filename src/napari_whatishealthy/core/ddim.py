@@ -87,6 +87,19 @@ def _check_plan(plan: Sequence[int], alphas: np.ndarray) -> list[int]:
     return plan
 
 
+def _step(x: torch.Tensor, eps: torch.Tensor, a: float, b: float,
+          normalise: bool) -> torch.Tensor:
+    """One DDIM move from level alpha_bar = a to b (up in inversion, down in decoding)."""
+    if normalise and a < 1.0:  # a = 1 is the clean image: no x0 to predict
+        # The reference's rule: normalise the predicted x0, then re-derive eps from it.
+        sa, s1a = math.sqrt(a), math.sqrt(1.0 - a)
+        x0 = dynamic_normalise((x - s1a * eps) / sa)
+        eps = (x - sa * x0) / s1a
+        return math.sqrt(b) * x0 + math.sqrt(1.0 - b) * eps
+    c1, c2 = _coefficients(a, b)
+    return c1 * x + c2 * eps
+
+
 def _invert_iter(
     predictor: Predictor,
     x0: torch.Tensor,
@@ -101,15 +114,6 @@ def _invert_iter(
     plan = _check_plan(plan, ab)
     x = x0.float()
 
-    def up(x: torch.Tensor, eps: torch.Tensor, a: float, b: float) -> torch.Tensor:
-        if normalise and a < 1.0:  # the reference's rule: normalise the predicted x0 first
-            sa, s1a = math.sqrt(a), math.sqrt(1.0 - a)
-            x0_pred = dynamic_normalise((x - s1a * eps) / sa)
-            eps = (x - sa * x0_pred) / s1a
-            return math.sqrt(b) * x0_pred + math.sqrt(1.0 - b) * eps
-        c1, c2 = _coefficients(a, b)
-        return c1 * x + c2 * eps
-
     labels = torch.full((x.shape[0],), int(null_label), dtype=torch.long, device=x.device)
     # The clean image is level alpha_bar = 1; the network sees it at its lowest timestep, 0.
     levels = [1.0] + [float(ab[t]) for t in plan]
@@ -118,14 +122,14 @@ def _invert_iter(
         a, b = levels[i], levels[i + 1]
         with torch.inference_mode():
             eps = _network(predictor, x, net_t[i], labels, amp_dtype)
-            x_next = up(x, eps, a, b)
+            x_next = _step(x, eps, a, b, normalise)
         yield
         for _ in range(refinements):
             # Fixed point of x_next = c1 x + c2 eps(x_next, t_next): the exact inverse of the
             # decoding step, which predicts eps at x_next.
             with torch.inference_mode():
                 eps = _network(predictor, x_next, net_t[i + 1], labels, amp_dtype)
-                x_next = up(x, eps, a, b)
+                x_next = _step(x, eps, a, b, normalise)
             yield
         x = x_next
     return x
@@ -179,14 +183,7 @@ def _decode_iter(
                     eps_null = _network(predictor, x, t, null, amp_dtype)
                     eps_target = _network(predictor, x, t, target, amp_dtype)
                 eps = eps_null + w * (eps_target - eps_null)
-            if dynamic_normalisation:
-                sa, s1a = math.sqrt(a), math.sqrt(1.0 - a)
-                x0 = dynamic_normalise((x - s1a * eps) / sa)
-                eps = (x - sa * x0) / s1a  # re-derived from the normalised x0, as the reference
-                x = math.sqrt(b) * x0 + math.sqrt(1.0 - b) * eps
-            else:
-                c1, c2 = _coefficients(a, b)
-                x = c1 * x + c2 * eps
+            x = _step(x, eps, a, b, dynamic_normalisation)
         yield
     return x
 
