@@ -81,6 +81,31 @@ def _map(sub, prepared, input_s, healthy_s, brain_idx, *, median=3, model_median
     return median_smooth(raw, median, slice_axis=-1) * brain_idx
 
 
+def _guided(sub, prepared, input_s, healthy_s, brain_idx, *, radius: int, eps: float,
+            guide_channel: int | None = None) -> np.ndarray:
+    """Edge-aware upsampling: each channel's |input - counterfactual|, upsampled, then a guided
+    filter (He et al. 2010) per slice with that channel's full-resolution input as the guide."""
+    from napari_whatishealthy.core.anomaly import median_smooth
+    from napari_whatishealthy.core.preprocess import to_slices
+
+    per = to_slices(sub, np.abs(input_s - healthy_s), fill=0.0)  # [C, X, Y, n]
+    guide = prepared.normalised[..., sub.slice_index].astype(np.float32)  # [C, X, Y, n]
+    size = (2 * radius + 1, 2 * radius + 1, 1)
+    box = lambda a: ndimage.uniform_filter(a, size=size, mode="reflect")  # noqa: E731
+    out = []
+    for c in range(per.shape[0]):
+        g = guide[c if guide_channel is None else guide_channel]
+        p = per[c]
+        mg, mp = box(g), box(p)
+        var = box(g * g) - mg * mg
+        cov = box(g * p) - mg * mp
+        a = cov / (var + eps)
+        b = mp - a * mg
+        out.append(box(a) * g + box(b))
+    raw = np.maximum(np.mean(out, axis=0), 0.0)
+    return median_smooth(raw, 3, slice_axis=-1) * brain_idx
+
+
 def _hysteresis(volume: np.ndarray, threshold: float, brain: np.ndarray, min_voxels: int,
                 low: float = 0.5) -> np.ndarray:
     """The mask at ``threshold`` grown into connected voxels above ``low * threshold``."""
@@ -140,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thresholds", default=None, help="calibration thresholds (JSON) to apply")
     p.add_argument("--write-thresholds", default=None, help="write this run's best thresholds")
     p.add_argument("--no-inversion-normalisation", action="store_true")
+    p.add_argument("--guidance-values", default="",
+                   help="other guidance scales to try (each with every noise level)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--label", default="", help="a prefix for every printed line")
     p.add_argument("--seconds", type=float, default=None,
@@ -163,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     if default_level not in levels:
         levels.insert(0, default_level)
     configs = {f"L={lv:g}": {"noise_level": lv} for lv in levels}
+    for w in (float(v) for v in args.guidance_values.split(",") if v):
+        configs[f"w={w:g}"] = {"noise_level": default_level, "guidance": w}
+        for lv in levels:
+            if lv != default_level:
+                configs[f"L={lv:g} w={w:g}"] = {"noise_level": lv, "guidance": w}
     if not args.no_inversion_normalisation:
         configs["inversion normalisation"] = {"noise_level": default_level,
                                               "inversion_normalisation": True}
@@ -172,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     dflt = f"L={default_level:g}"
 
     options = ["default", "erode 2", "erode 4", "model median 5", "full resolution",
-               "hysteresis 0.5"] + [k for k in configs if k != dflt]
+               "hysteresis 0.5", "guided r2 e-2", "guided r4 e-2", "guided r4 e-3",
+               "guided r8 e-2"] + [k for k in configs if k != dflt]
+    options += [f"{k}, guided r4" for k in configs if k != dflt]
     if len(levels) > 1:
         options += ["multi-L mean", "multi-L mean, erode 4"]
     if "inversion normalisation" in configs:
@@ -216,6 +250,13 @@ def main(argv: list[str] | None = None) -> int:
                                        full_resolution=True)
         cost["full resolution"] += time.time() - t0
         maps["hysteresis 0.5"] = maps["default"]
+        eroded4 = erode_mask(brain, 4)[..., z]
+        for name, r, e in (("guided r2 e-2", 2, 1e-2), ("guided r4 e-2", 4, 1e-2),
+                           ("guided r4 e-3", 4, 1e-3), ("guided r8 e-2", 8, 1e-2)):
+            t0 = time.time()
+            maps[name] = _guided(sub, prepared, input_s, healthy[dflt], brain_idx, radius=r,
+                                 eps=e) * eroded4
+            cost[name] += time.time() - t0
         level_maps = []
         for key in configs:
             t0 = time.time()
@@ -224,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
             if key != dflt:
                 maps[key] = m
                 cost[key] += time.time() - t0
-            if key.startswith("L="):
+                maps[f"{key}, guided r4"] = _guided(sub, prepared, input_s, healthy[key], brain_idx,
+                                                    radius=4, eps=1e-3) * eroded4
+            if key.startswith("L=") and " w=" not in key:
                 level_maps.append(m)
         if "inversion normalisation" in maps:
             maps["inversion normalisation, erode 4"] = (maps["inversion normalisation"]

@@ -159,3 +159,48 @@ def test_component_labels_match_scipy(shape, connectivity):
     pairs = set(zip(labels[sub].tolist(), ref[sub].tolist(), strict=True))
     assert len(pairs) == count and len({a for a, _ in pairs}) == count
     assert not labels[~sub].any()
+
+
+def test_guided_filter_moves_a_blurred_edge_onto_the_guides_edge() -> None:
+    from napari_whatishealthy.core.anomaly import guided_filter
+
+    # A lesion occupying x >= 20 of each slice: the guide (the full-resolution image) has the
+    # sharp edge, the map (upsampled from a coarse grid) a ramp 8 voxels wide around it.
+    x = np.arange(40, dtype=np.float32)
+    guide = np.broadcast_to((x >= 20).astype(np.float32)[:, None, None], (40, 30, 3)).copy()
+    ramp = np.clip((x - 16) / 8, 0, 1).astype(np.float32)
+    values = np.broadcast_to(ramp[:, None, None], (40, 30, 3)).copy()
+    out = guided_filter(values, guide, radius=4, eps=1e-3)
+    truth = guide > 0.5
+    near = slice(16, 24)  # the ramp
+    err_before = np.abs(values - truth)[near].mean()
+    err_after = np.abs(out - truth)[near].mean()
+    assert err_after < 0.8 * err_before
+    # Thresholded at 0.5 the map now ends exactly where the image's edge is (the ramp lost
+    # the edge voxel).
+    assert not np.array_equal(values[:, 5, 0] > 0.5, truth[:, 5, 0])
+    assert np.array_equal(out[:, 5, 0] > 0.5, truth[:, 5, 0])
+    # Voxels just outside the edge fall, voxels just inside rise.
+    assert out[18, 5, 0] < values[18, 5, 0] and out[21, 5, 0] > values[21, 5, 0]
+    # Each slice is filtered on its own: a guide edge in one slice does not leak into another.
+    guide[..., 1] = 0.0
+    alone = guided_filter(values, guide, radius=4, eps=1e-3)
+    assert np.allclose(alone[..., 0], out[..., 0]) and np.allclose(alone[..., 2], out[..., 2])
+
+
+def test_guided_filter_flat_guide_is_a_box_mean_and_radius_0_a_copy() -> None:
+    from scipy import ndimage
+
+    from napari_whatishealthy.core.anomaly import guided_filter
+    from napari_whatishealthy.core.errors import WhatIsHealthyError
+
+    rng = np.random.default_rng(0)
+    values = rng.random((12, 12, 2)).astype(np.float32)
+    flat = np.zeros_like(values)
+    out = guided_filter(values, flat, radius=1, eps=1e-3)
+    box = ndimage.uniform_filter(ndimage.uniform_filter(values, (3, 3, 1)), (3, 3, 1))
+    assert np.allclose(out, box, atol=1e-5)
+    same = guided_filter(values, flat, radius=0, eps=1e-3)
+    assert np.array_equal(same, values) and same is not values
+    with pytest.raises(WhatIsHealthyError, match="differ"):
+        guided_filter(values, flat[:-1], radius=1, eps=1e-3)

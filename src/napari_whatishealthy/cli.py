@@ -123,6 +123,10 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--edge-erosion", type=int, default=None, dest="edge_erosion",
                    help="voxels of the brain's edge where the difference is set to 0 (the "
                         "skull-stripping border is not a lesion); 0: none")
+    g.add_argument("--edge-guide-radius", type=int, default=None, dest="edge_guide_radius",
+                   help="edge-aware upsampling of the difference map: radius in voxels of the "
+                        "guided filter that makes lesion edges follow the full-resolution image "
+                        "(0: plain bilinear upsampling)")
     g.add_argument("--threshold", default=None,
                    help="mask threshold on the difference: a number, 'auto' (the model's "
                         "recommended value) or 'otsu' (per volume)")

@@ -103,6 +103,10 @@ class InferenceDefaults:
     # Voxels of the brain's edge (3D erosion of the brain mask) where the score is set to 0,
     # so that the border of the skull stripping is never called a lesion; 0: none.
     edge_erosion: int = 0
+    # Edge-aware upsampling of the difference map: radius (voxels) of a guided filter that fits
+    # each channel's upsampled 64 px difference to that channel's full-resolution image, so that
+    # lesion edges follow the image instead of a bilinear ramp; 0: plain bilinear upsampling.
+    edge_guide_radius: int = 0
 
 
 class JSONSpec:

@@ -29,6 +29,7 @@ MAX_MEDIAN_SIZE = 15  # in-plane median window; 100000 took 10 GB
 MAX_STEPS = 1000  # the diffusion length
 MAX_INVERSION_REFINEMENTS = 20
 MAX_EDGE_EROSION = 20  # voxels
+MAX_EDGE_GUIDE_RADIUS = 16  # voxels; beyond the model's pixel (3-4 voxels) it only blurs
 MAX_NOISE_LEVELS = 5  # an ensemble of noise levels; each costs a whole counterfactual
 MAX_BATCH_SIZE = 4096
 MAX_SEED = 2**63 - 1  # torch's seed range
@@ -209,6 +210,12 @@ class LocalizeSettings(InferenceDefaults):
             raise WhatIsHealthyError(
                 f"edge_erosion must be an integer in [0, {MAX_EDGE_EROSION}] (voxels), got "
                 f"{self.edge_erosion!r}"
+            )
+        if (not is_integer(self.edge_guide_radius)
+                or not 0 <= self.edge_guide_radius <= MAX_EDGE_GUIDE_RADIUS):
+            raise WhatIsHealthyError(
+                f"edge_guide_radius must be an integer in [0, {MAX_EDGE_GUIDE_RADIUS}] (voxels; 0: "
+                f"plain upsampling), got {self.edge_guide_radius!r}"
             )
         check_seed(self.seed)
         if self.batch_size is not None and (not is_integer(self.batch_size)
