@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sizes: list[tuple[str, int]] = []
     long_functions: list[tuple[str, int]] = []
-    longest = ("", 0)
+    longest: list[str] = []
+    longest_length = 0
     for path in modules:
         text = path.read_text(encoding="utf-8")
         name = str(path.relative_to(root))
@@ -61,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             where = f"{name}:{line} {function}"
             if length > FUNCTION_LIMIT:
                 long_functions.append((where, length))
-            if length > longest[1]:
-                longest = (where, length)
+            if length > longest_length:
+                longest, longest_length = [where], length
+            elif length == longest_length:
+                longest.append(where)
 
     print(f"lines per module under {root} ({len(sizes)} modules, "
           f"{sum(n for _, n in sizes)} lines)")
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"functions over {FUNCTION_LIMIT} lines: {len(long_functions)}")
     for where, length in sorted(long_functions, key=lambda item: -item[1]):
         print(f"  {length:5d}  {where}")
-    print(f"longest function: {longest[0]} ({longest[1]} lines)")
+    print(f"longest function ({longest_length} lines): {'; '.join(longest)}")
     return 0
 
 
