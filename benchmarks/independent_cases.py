@@ -43,43 +43,47 @@ def _rotation(rng: np.random.Generator) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
-def _blob(rng, brain: np.ndarray, radius: float, taken: np.ndarray) -> np.ndarray | None:
-    """A perturbed ellipsoid inside the brain, at least ``radius`` + 6 mm from its edge."""
-    depth = ndimage.distance_transform_edt(brain)
+def _blob(rng, brain: np.ndarray, radius: float, taken: np.ndarray,
+          voxel: float) -> np.ndarray | None:
+    """A perturbed ellipsoid inside the brain, at least ``radius`` + 6 mm from its edge
+    (``radius`` in mm, ``voxel`` the voxel size in mm)."""
+    depth = ndimage.distance_transform_edt(brain, sampling=voxel)
     candidates = np.argwhere((depth > radius + 6) & ~taken)
     if len(candidates) == 0:
         return None
     centre = candidates[rng.integers(len(candidates))]
     axes = radius * rng.uniform(0.7, 1.3, size=3)
-    half = int(np.ceil(axes.max() * 1.5)) + 2
+    half = int(np.ceil(axes.max() * 1.5 / voxel)) + 2
     lo = np.maximum(centre - half, 0)
     hi = np.minimum(centre + half + 1, brain.shape)
     grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)],
                                 indexing="ij"), axis=-1) - centre
+    grid = grid * voxel  # mm
     local = grid @ _rotation(rng)
     distance = np.sqrt(((local / axes) ** 2).sum(-1)) * radius  # mm from the centre, scaled
-    field = ndimage.gaussian_filter(rng.normal(size=distance.shape), radius / 3)
+    field = ndimage.gaussian_filter(rng.normal(size=distance.shape), radius / 3 / voxel)
     field *= 0.25 * radius / (field.std() + 1e-6)
     signed = radius + field - distance  # > 0 inside, in mm
     out = np.zeros(brain.shape, np.float32)
     box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-    out[box] = np.clip(signed / 1.5 + 0.5, 0.0, 1.0)
+    out[box] = np.clip(signed / max(1.5, voxel) + 0.5, 0.0, 1.0)
     return out * brain
 
 
-def paint(rng, images: dict[str, np.ndarray], kind: str) -> np.ndarray:
+def paint(rng, images: dict[str, np.ndarray], kind: str, voxel: float = 1.0) -> np.ndarray:
     """Paint one or two lesions into ``images`` (changed in place); returns the BraTS labels."""
     brain = images["t1"] > 0
     seg = np.zeros(brain.shape, np.uint8)
     medians = {m: float(np.median(v[brain])) for m, v in images.items()}
-    texture = {m: v - ndimage.gaussian_filter(v, 2.0) for m, v in images.items()}
+    texture = {m: v - ndimage.gaussian_filter(v, 2.0 / voxel) for m, v in images.items()}
     for _ in range(1 + int(rng.random() < 0.35)):
-        weight = _blob(rng, brain, rng.uniform(*RADIUS_MM[kind]), seg > 0)
+        weight = _blob(rng, brain, rng.uniform(*RADIUS_MM[kind]), seg > 0, voxel)
         if weight is None:
             continue
         inside = weight > 0.5
-        core = ndimage.binary_erosion(inside, iterations=4) & (rng.random() < 0.5)
-        rim = core & ~ndimage.binary_erosion(core, iterations=2)
+        core = ndimage.binary_erosion(inside, iterations=max(1, round(4 / voxel)))
+        core &= rng.random() < 0.5
+        rim = core & ~ndimage.binary_erosion(core, iterations=max(1, round(2 / voxel)))
         for modality, image in images.items():
             target = medians[modality] * rng.uniform(*GAIN[kind][modality])
             lesion = np.full(image.shape, target, np.float32)
@@ -101,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out")
     p.add_argument("--cases", type=int, default=12)
     p.add_argument("--seed", type=int, default=3000)
+    p.add_argument("--voxel-size", type=float, default=1.0, help="mm (the tests use 4)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     manifest = []
     for i, kind in enumerate(kinds):
         name = f"Indep_{args.seed:04d}_{i:04d}"
-        images, _, affine, _ = make_case(name, int(rng.integers(2**31 - 1)), "healthy")
-        seg = paint(rng, images, kind) if kind != "healthy" else np.zeros(images["t1"].shape, np.uint8)
+        images, _, affine, _ = make_case(name, int(rng.integers(2**31 - 1)), "healthy",
+                                         args.voxel_size)
+        seg = paint(rng, images, kind, args.voxel_size) if kind != "healthy" else np.zeros(images["t1"].shape, np.uint8)
         flipped = i % 2 == 1
         stored_affine = brats_storage_affine(affine, seg.shape) if flipped else affine
         folder = out / name

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     options = ["default", "erode 2", "erode 4", "model median 5", "full resolution",
                "hysteresis 0.5", "guided r2 e-2", "guided r4 e-2", "guided r4 e-3",
                "guided r8 e-2"] + [k for k in configs if k != dflt]
-    options += [f"{k}, guided r4" for k in configs if k != dflt]
+    options += [f"{k}, guided r{r}" for k in configs if k != dflt for r in (4, 8)]
     if len(levels) > 1:
         options += ["multi-L mean", "multi-L mean, erode 4"]
     if "inversion normalisation" in configs:
@@ -265,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
             if key != dflt:
                 maps[key] = m
                 cost[key] += time.time() - t0
-                maps[f"{key}, guided r4"] = _guided(sub, prepared, input_s, healthy[key], brain_idx,
-                                                    radius=4, eps=1e-3) * eroded4
+                for r in (4, 8):
+                    maps[f"{key}, guided r{r}"] = _guided(sub, prepared, input_s, healthy[key],
+                                                          brain_idx, radius=r, eps=1e-2) * eroded4
             if key.startswith("L=") and " w=" not in key:
                 level_maps.append(m)
         if "inversion normalisation" in maps:

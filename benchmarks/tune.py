@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from napari_whatishealthy.core.data import discover_cases
     from napari_whatishealthy.core.metrics import score_summary
     from napari_whatishealthy.core.model import SPEC_FILE, load_checkpoint
+    from napari_whatishealthy.core.output import write_json
     from napari_whatishealthy.core.pipeline import LocalizeSettings, localize
     from napari_whatishealthy.core.preprocess import brain_mask, brain_slices, square_box
     from napari_whatishealthy.core.runtime import tune_allocator
@@ -96,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         data.setdefault("training", {})["tuning"] = {
             "calibration_data": str(args.data), "z_stride": args.z_stride, "rows": rows,
         }
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-        tmp.replace(path)
+        write_json(json.loads(json.dumps(data, sort_keys=True)), path, overwrite=True)  # keys sorted
         print(f"wrote the recommended settings into {path}")
     return 0
 

@@ -7,6 +7,7 @@ run, the last line).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -146,3 +147,26 @@ def test_review_tiny_prints_the_table_with_its_reference():
     assert "threshold update incl. redraw (median)" in rows
     assert rows["threshold update (median of moves)"][1] == "30"  # the target is printed
     assert all(float(values[0]) > 0 for values in rows.values())
+
+
+def test_independent_cases_then_score_options_beside_the_flair_baseline(tiny_checkpoint, tmp_path):
+    """The issue-12 study: cases from the independent lesion model (BraTS layout, half stored
+    flipped), then every scoring option and the FLAIR baseline on them."""
+    from napari_whatishealthy.core.volume import load_volume
+
+    cases = tmp_path / "indep"
+    _run(BENCHMARKS / "independent_cases.py", cases, "--cases", "12", "--seed", "1",
+         "--voxel-size", "4")
+    kinds = {c["name"]: c["kind"] for c in json.loads((cases / "cases.json").read_text())["cases"]}
+    assert sorted(kinds.values()).count("typical") == 6 and list(kinds.values()).count("healthy") == 3
+    first, second = (load_volume(cases / name) for name in sorted(kinds)[:2])
+    assert first.segmentation.any() and second.segmentation.any()  # typical: lesions painted
+    out = _run(BENCHMARKS / "score_options.py", cases, "--model", tiny_checkpoint, "--z-stride",
+               "3", "--noise-levels", "0.2", "--guidance-values", "8", "--no-inversion-normalisation",
+               "--cache", tmp_path / "cache")
+    rows = _table_rows(out)
+    options = {r[0] for r in rows}
+    assert {"default", "erode 4", "guided r4 e-3", "w=8, guided r8", "FLAIR baseline"} <= options
+    assert {r[1].split(" ")[0] for r in rows} == {"all", "typical", "subtle"}
+    assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)  # AUPRC
+    assert "best-Dice thresholds on these cases" in out

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from conftest import TINY_SIZE, tiny_spec
 
 from napari_whatishealthy.core import pipeline
@@ -466,3 +467,40 @@ def test_edge_erosion_zeroes_the_brain_edge_and_nothing_else(tiny_checkpoint, ca
     np.testing.assert_allclose(preview.difference[..., z], eroded.difference[..., z], atol=1e-4)
     with pytest.raises(WhatIsHealthyError, match="edge_erosion"):
         LocalizeSettings.from_spec(spec, edge_erosion=-1)
+
+
+def test_edge_guide_radius_puts_the_map_on_the_images_edges(tiny_checkpoint, case_dirs):
+    from napari_whatishealthy.core.anomaly import guided_filter
+    from napari_whatishealthy.core.pipeline import EDGE_GUIDE_EPS
+    from napari_whatishealthy.core.preprocess import normalise_with
+
+    model, spec, _ = load_model_cached(tiny_checkpoint, "cpu")
+    data = load_volume(case_dirs[1]).select(spec.modalities).data
+    def run(radius, z_slices=None):
+        settings = LocalizeSettings.from_spec(spec, median_size=1, edge_erosion=0, seed=0,
+                                              edge_guide_radius=radius)
+        return localize(model, spec, data, settings, z_slices=z_slices)
+
+    plain, guided = run(0), run(2)
+    z = plain.processed_slices
+    brain = plain.brain[..., z]
+    # The guided map is each channel's plain map filtered by that channel's own image.
+    from napari_whatishealthy.core.preprocess import prepare
+
+    prepared = prepare(data, spec.image_size)
+    guide = normalise_with(data[..., z], brain, prepared.scale)
+    expected = np.maximum(guided_filter(plain.difference_per_channel[..., z], guide, 2,
+                                        EDGE_GUIDE_EPS, slice_axis=-1, channel_axis=0), 0)
+    expected = expected.mean(axis=0)
+    # Away from the brain's edge (where the pipeline filters the unmasked map) they agree.
+    inner = ndimage.binary_erosion(brain, np.ones((9, 9, 1), bool))  # 2 x radius
+    assert inner.sum() > 300
+    np.testing.assert_allclose(guided.difference[..., z][inner], expected[inner], atol=2e-4)
+    assert not np.allclose(guided.difference, plain.difference, atol=1e-3)
+    assert not guided.difference[~plain.brain].any()  # still nothing outside the brain
+    # A one-slice preview gives the same map on its slice (the filter is in-plane).
+    zc = int(z[len(z) // 2])
+    preview = run(2, z_slices=[zc])
+    np.testing.assert_allclose(preview.difference[..., zc], guided.difference[..., zc], atol=1e-4)
+    with pytest.raises(WhatIsHealthyError, match="edge_guide_radius"):
+        LocalizeSettings.from_spec(spec, edge_guide_radius=-1)

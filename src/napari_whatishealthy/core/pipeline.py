@@ -566,10 +566,15 @@ def _volume_outputs(
     per_idx = np.maximum(to_slices(sub, per_s, fill=0.0), 0.0)  # [C, X, Y, n]
     if post.edge_guide_radius > 0:
         # Each channel's map takes the edges of that channel's own full-resolution image
-        # (normalised as the model saw it).
-        guide = normalise_with(data[..., z], brain_idx, prepared.scale)
-        per_idx = np.maximum(guided_filter(per_idx, guide, post.edge_guide_radius,
-                                           EDGE_GUIDE_EPS, slice_axis=-1, channel_axis=0), 0.0)
+        # (normalised as the model saw it), computed only over the brain's in-plane box plus
+        # the filter's reach (2 radius): the brain voxels, the only ones kept, come out exact.
+        box = _in_plane_box(brain_idx, 2 * post.edge_guide_radius + 1)
+        if box is not None:
+            guide = normalise_with(data[(slice(None), *box)][..., z], brain_idx[box],
+                                   prepared.scale)
+            per_idx[(slice(None), *box)] = np.maximum(guided_filter(
+                per_idx[(slice(None), *box)], guide, post.edge_guide_radius, EDGE_GUIDE_EPS,
+                slice_axis=-1, channel_axis=0), 0.0)
     raw = per_idx.mean(axis=0)  # = to_slices of the channel mean: the resize is linear
     # The median is in-plane; it runs before the background is zeroed, as the map is continuous.
     smoothed = median_smooth(raw, post.median_size, slice_axis=-1)
@@ -591,6 +596,18 @@ def _volume_outputs(
         np.maximum(changed, 0.0, out=changed)
     healthy[..., z] = changed
     return difference, per_channel, healthy
+
+
+def _in_plane_box(brain: np.ndarray, margin: int) -> tuple[slice, slice] | None:
+    """The (x, y) box of ``brain`` [X, Y, n] over all its slices, grown by ``margin`` (clipped);
+    None when there is no brain."""
+    from .anomaly import bounding_box
+
+    box = bounding_box(brain.any(axis=2))
+    if box is None:
+        return None
+    return tuple(slice(max(b.start - margin, 0), min(b.stop + margin, n))  # type: ignore[return-value]
+                 for b, n in zip(box, brain.shape[:2], strict=True))
 
 
 def _as_slice(index: np.ndarray) -> slice | np.ndarray:
