@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
 from conftest import TINY_SIZE, tiny_spec
+from scipy import ndimage
 
 from napari_whatishealthy.core import pipeline
 from napari_whatishealthy.core.counterfactual import Progress
