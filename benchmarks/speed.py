@@ -115,7 +115,7 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from napari_whatishealthy.core.counterfactual import timestep_plan
-    from napari_whatishealthy.core.pipeline import LocalizeSettings, localize, remask
+    from napari_whatishealthy.core.pipeline import LocalizeSettings, localize
     from napari_whatishealthy.core.preprocess import prepare
 
     if args.threads:
@@ -172,16 +172,20 @@ def worker(args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         full = localize(model, spec, data, settings)
         volume_s = time.perf_counter() - started
-        # The threshold slider: the widget's remask, in napari's [Z, Y, X] order. Thresholds are
-        # chosen before timing; from the recommended one down to where 10 % of the brain is above.
+        # The threshold slider: the widget's remask, on its napari-order [Z, Y, X] copies of the
+        # result (made once, before timing). Thresholds are chosen before timing; from the
+        # recommended one down to where 10 % of the brain is above.
+        from napari_whatishealthy._widget_state import MaskParams, NapariResult
+
         inside = full.difference[full.brain]
         thresholds = [float(full.threshold_used)] + [float(np.quantile(inside, q))
                                                       for q in np.linspace(0.9, 0.99, 19)]
-        remask(full, thresholds[0], settings.min_component_voxels, True, order="zyx")  # its copies
+        shown = NapariResult(full)
+        shown.remask(MaskParams(thresholds[0], settings.min_component_voxels, True))  # its copies
         timings = []
         for threshold in thresholds:
             t0 = time.perf_counter()
-            remask(full, threshold, settings.min_component_voxels, True, order="zyx")
+            shown.remask(MaskParams(threshold, settings.min_component_voxels, True))
             timings.append(time.perf_counter() - t0)
         from napari_whatishealthy.core.counterfactual import describe_inference
 

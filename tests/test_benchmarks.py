@@ -151,7 +151,7 @@ def test_review_tiny_prints_the_table_with_its_reference():
     lines = out.splitlines()
     rows = {line[:58].strip(): line[58:].split() for line in lines
             if line[:58].strip().startswith(("first run", "second run", "threshold", "reference"))}
-    assert "reference: core remask alone (median)" in rows
+    assert "reference: core threshold_region alone (median)" in rows
     assert "threshold update incl. redraw (median)" in rows
     assert rows["threshold update (median of moves)"][1] == "30"  # the target is printed
     assert all(float(values[0]) > 0 for values in rows.values())

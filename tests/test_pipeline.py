@@ -20,6 +20,7 @@ from napari_whatishealthy.core.pipeline import (
     localize,
     parse_threshold,
     remask,
+    threshold_region,
 )
 from napari_whatishealthy.core.registry import load_model_cached
 from napari_whatishealthy.core.results import output_paths, write_outputs
@@ -216,7 +217,7 @@ def test_a_prepared_volume_is_reused_and_checked(tiny_checkpoint, case_dirs):
         localize(model, spec, data[..., :-1].copy(), prepared=prepared)
 
 
-def test_remask_in_napari_order_equals_the_transposed_mask(monkeypatch):
+def test_threshold_region_works_in_any_axis_order(monkeypatch):
     spec = tiny_spec()
     data = _box_volume()
 
@@ -229,16 +230,24 @@ def test_remask_in_napari_order_equals_the_transposed_mask(monkeypatch):
     monkeypatch.setattr(pipeline, "iter_counterfactual", fake)
     result = localize(None, spec, data, LocalizeSettings.from_spec(
         spec, median_size=1, min_component_voxels=5, threshold=0.2))
+    # The brain's box (x 4..11, y 6..13) on the processed slices (z 1..4), in [X, Y, Z].
+    assert result.mask_region == (slice(4, 12), slice(6, 14), slice(1, 5))
+    # A viewer's own [Z, Y, X] copies, thresholded in that order with the region reversed, give
+    # the transposed mask: the core never needs to know the viewer's axis order.
+    difference_zyx = np.ascontiguousarray(result.difference.transpose(2, 1, 0))
+    brain_zyx = np.ascontiguousarray(result.brain.transpose(2, 1, 0))
     for threshold in (0.1, 0.3, 0.6):
         xyz = remask(result, threshold)
-        zyx = remask(result, threshold, order="zyx")
+        zyx = threshold_region(difference_zyx, threshold, result.mask_region[::-1], brain_zyx, 5)
         assert zyx.flags.c_contiguous and zyx.shape == xyz.shape[::-1]
         assert np.array_equal(zyx, xyz.transpose(2, 1, 0))
     assert remask(result, 0.3).sum() == 4 * 20  # the 4 x 5 patch on each of the 4 brain slices
     assert remask(result, 0.3, min_component_voxels=0).sum() == 4 * 20 + 4
     assert remask(result, 0.95).sum() == 0
-    with pytest.raises(WhatIsHealthyError, match="order"):
-        remask(result, 0.3, order="xzy")
+    # Nothing outside the region is ever set, whatever the map holds there.
+    outside = threshold_region(np.ones((4, 4, 4), np.float32), 0.5,
+                               (slice(1, 3), slice(None), slice(0, 2)))
+    assert outside.sum() == 2 * 4 * 2 and outside[1:3, :, 0:2].all()
 
 
 def test_scattered_slices_map_back_like_a_whole_run(monkeypatch):

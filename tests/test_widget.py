@@ -420,6 +420,53 @@ def test_automatic_model_input_without_qt():
     assert auto_model_input([], None) == auto_model_input([], "flair")  # nothing open: nothing
 
 
+def test_napari_result_thresholds_its_own_copies_without_qt():
+    """The napari layer keeps the result's [Z, Y, X] copies (made once, so a slider move never
+    transposes) and its mask is the core's mask, transposed."""
+    from napari_whatishealthy._widget_state import (
+        MaskParams,
+        NapariResult,
+        ResultSession,
+        prepare_for_display,
+    )
+    from napari_whatishealthy.core.pipeline import LocalizeResult, LocalizeSettings, remask
+
+    rng = np.random.default_rng(0)
+    shape = (12, 10, 8)
+    brain = np.zeros(shape, bool)
+    brain[2:10, 1:9, 1:7] = True
+    difference = np.where(brain, rng.uniform(0, 1, shape), 0).astype(np.float32)
+    difference[..., 1] = 0  # an unprocessed slice
+    result = LocalizeResult(
+        healthy=rng.uniform(0, 1, (2, *shape)).astype(np.float32), difference=difference,
+        difference_per_channel=np.stack([difference] * 2), mask=(difference > 0.5).astype(np.uint8),
+        brain=brain, threshold_used=0.5, provenance={},
+        settings=LocalizeSettings(threshold=0.5, min_component_voxels=3, brain_only=True),
+        processed_slices=np.arange(2, 7))
+    view = NapariResult(result)
+    copy = view.zyx("difference")
+    assert copy.flags.c_contiguous and np.array_equal(copy, difference.transpose(2, 1, 0))
+    assert view.zyx("difference") is copy  # made once
+    assert np.array_equal(view.healthy(1), result.healthy[1].transpose(2, 1, 0))
+    with pytest.raises(ValueError, match="healthy"):
+        view.zyx("healthy")
+    for threshold, min_size, brain_only in [(0.3, 0, True), (0.6, 3, True), (0.8, 1, False)]:
+        napari_mask = view.remask(MaskParams(threshold, min_size, brain_only))
+        core_mask = remask(result, threshold, min_size, brain_only)
+        assert core_mask.sum() > 0
+        assert np.array_equal(napari_mask, core_mask.transpose(2, 1, 0))
+
+    # The worker's first mask is the mask of the run's own settings, used once.
+    shown = prepare_for_display(result)
+    session = ResultSession(shown, "flair")
+    made = shown.first_mask[1]
+    first = session.auto_mask(MaskParams(0.5, 3, True))
+    assert first is made and shown.first_mask is None
+    assert np.array_equal(first, remask(result).transpose(2, 1, 0))
+    again = session.auto_mask(MaskParams(0.5, 3, True))
+    assert again is not first and np.array_equal(again, first)
+
+
 def test_current_slice_scope(make_napari_viewer, qtbot, lesion_case, tiny_checkpoint,
                              count_runs):
     viewer, widget = _setup(make_napari_viewer, lesion_case, tiny_checkpoint)

@@ -16,11 +16,12 @@ from ._layer_choice import (
     layer_named,
     layer_type_name,
 )
-from ._layers import default_mask_path, protected_paths
+from ._layers import default_mask_path, protected_paths, to_napari
 from ._lesion_table import lesion_csv_path
 from ._widget_layout import NONE, ORIENTATIONS
 from ._widget_state import (
     MaskParams,
+    NapariResult,
     ResultSession,
     format_metric,
     mask_provenance,
@@ -37,12 +38,7 @@ class ResultHandlers:
     def _result_name(self, source: str, role: str) -> str:
         return f"{source} {role}"
 
-    def _apply_result(self, result: Any, context: dict[str, Any]) -> None:
-        """Show a finished run's result now (all steps of :meth:`_result_steps` at once)."""
-        for step in self._result_steps(result, context):
-            step()
-
-    def _result_steps(self, result: Any, context: dict[str, Any]) -> list[Any]:
+    def _result_steps(self, view: NapariResult, context: dict[str, Any]) -> list[Any]:
         """Showing a result, as steps to run one per event-loop turn: napari creating a layer
         (its vispy visual and first draw) costs ~100 ms on a 1 mm volume, so adding the three
         layers in one turn froze the UI for 300 ms (issue 15). The healthy and the difference
@@ -51,7 +47,8 @@ class ResultHandlers:
         the steps leave exactly what one call did."""
         source = context.get("source_name", "image")
         reference_channel = 0
-        session = ResultSession(result, source, reference_channel)
+        session = ResultSession(view, source, reference_channel)
+        result = view.result
         provenance = dict(result.provenance)
         provenance["source_layer"] = source
         provenance["input_layers"] = context.get("input_layers", {})
@@ -153,7 +150,7 @@ class ResultHandlers:
         uncertainty = getattr(result, "uncertainty", None)
         if uncertainty is None:
             return None
-        data = np.ascontiguousarray(np.asarray(uncertainty, np.float32).transpose(2, 1, 0))
+        data = to_napari(np.asarray(uncertainty, np.float32))
         positive = data[data > 0]
         top = float(np.percentile(positive, 99.5)) if positive.size else 1.0
         self._upsert_layer(

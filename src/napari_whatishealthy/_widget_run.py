@@ -16,6 +16,7 @@ from ._widget_layout import SCOPE_SLICE
 from ._widget_state import (
     JobFailed,
     JobRequest,
+    NapariResult,
     StatusMessage,
     localize_job,
 )
@@ -272,7 +273,7 @@ class RunHandlers(StopOnWindowClose):
         seconds = (now - first[0]) / (step - first[1]) * (total - step)
         return f", about {seconds:.0f} s left" if seconds >= 1 else ", under 1 s left"
 
-    def _on_returned(self, value: Any) -> None:
+    def _on_returned(self, value: NapariResult | JobFailed | None) -> None:
         if self._cancel_requested:  # cancelled after the last step: keep the layers as they were
             self.status.setText(f"Cancelled after {self._elapsed()}: the layers are unchanged")
             return
@@ -283,7 +284,7 @@ class RunHandlers(StopOnWindowClose):
         if value is None:
             return
         z_slices = (self._job_context or {}).get("z_slices")
-        if z_slices and len(getattr(value, "processed_slices", ())) == 0:
+        if z_slices and len(value.result.processed_slices) == 0:
             from napari.utils.notifications import show_warning
 
             message = (f"no brain on axial slice {z_slices[0]}: nothing to preview; move to a "
@@ -304,7 +305,7 @@ class RunHandlers(StopOnWindowClose):
         self._applying = token = object()
         self._apply_next(token, iter(steps), value, scope)
 
-    def _apply_next(self, token: object, steps: Any, value: Any, scope: str) -> None:
+    def _apply_next(self, token: object, steps: Any, value: NapariResult, scope: str) -> None:
         if getattr(self, "_applying", None) is not token:  # dropped (window closed, new run)
             return
         step = next(steps, None)
@@ -325,7 +326,7 @@ class RunHandlers(StopOnWindowClose):
         self._applying = None
         seconds = time.monotonic() - self._started
         self.status.setText(f"Done in {seconds:.1f} s ({scope})")
-        for warning in getattr(value, "warnings", []) or []:
+        for warning in value.result.warnings:
             from napari.utils.notifications import show_warning
 
             show_warning(f"What is Healthy?: {warning}")

@@ -1,13 +1,14 @@
 """The widget's logic without Qt: the background job, the cached result, the mask and its edits.
 
 Everything the widget shows after a run is recomputed from a :class:`ResultSession` on the main
-thread in milliseconds: the mask from the cached difference map (``pipeline.remask``), the
-user's painted corrections on top of it, and the metrics against a ground truth. The job
+thread in milliseconds: the mask from the cached difference map (``pipeline.threshold_region``),
+the user's painted corrections on top of it, and the metrics against a ground truth. The job
 (:func:`localize_job`) is a generator run by napari's thread worker; it yields progress and
 touches no layer.
 
 Arrays held here are in napari order ``(S, A, R)`` (the transpose of the canonical ``[X, Y, Z]``
-the core works in), so they can be handed to layers as they are.
+the core works in), so they can be handed to layers as they are: :class:`NapariResult` keeps
+those copies of a core result, made once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ._layers import to_napari
 from .core import metrics
 from .core.errors import WhatIsHealthyError
 
@@ -104,8 +106,8 @@ class JobRequest:
 
 def localize_job(request: JobRequest) -> Generator[Any, None, Any]:
     """Load the model (and the classifier, if any; both cached) and localize, yielding a
-    StatusMessage or a pipeline Progress per step; returns the ``LocalizeResult`` or a
-    :class:`JobFailed`."""
+    StatusMessage or a pipeline Progress per step; returns the result ready to show (a
+    :class:`NapariResult`), None when closed, or a :class:`JobFailed`."""
     from .core import counterfactual
     from .core.session import LocalizeSession
 
@@ -125,10 +127,10 @@ def localize_job(request: JobRequest) -> Generator[Any, None, Any]:
         gen = session.iter_localize(request.data, settings, guide, request.z_slices,
                                     inputs=request.inputs, prepared=prepared)
         result = yield from gen
-        if result is not None:
-            yield StatusMessage("preparing the layers")
-            prepare_for_display(result)
-        return result
+        if result is None:
+            return None
+        yield StatusMessage("preparing the layers")
+        return prepare_for_display(result)
     except WhatIsHealthyError as exc:
         return JobFailed(str(exc), exc)
     except Exception as exc:
@@ -145,28 +147,66 @@ def localize_job(request: JobRequest) -> Generator[Any, None, Any]:
 # The cached result, the mask and the user's edits
 
 
-def display_cache(result: Any, key: str, make: Callable[[], Any]) -> Any:
-    """``make()``, kept in the result's derived-values cache under ``key``."""
-    derived = result._derived
-    if key not in derived:
-        derived[key] = make()
-    return derived[key]
+class NapariResult:
+    """A core ``LocalizeResult`` as napari shows it: its arrays in napari's ``(S, A, R)`` order
+    and the values derived from them for display, each made once and kept (the core result
+    speaks only its canonical ``[X, Y, Z]``). Transposing a BraTS volume costs ~20 ms, as much
+    as thresholding it, so :meth:`remask` thresholds these copies: a slider move never
+    transposes."""
+
+    def __init__(self, result: Any) -> None:
+        self.result = result  # pipeline.LocalizeResult
+        self.first_mask: tuple[MaskParams, np.ndarray] | None = None  # see prepare_for_display
+        self._made: dict[str, Any] = {}
+
+    def cached(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()``, made once under ``key``."""
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]
+
+    def zyx(self, name: str) -> np.ndarray:
+        """The result's ``difference``, ``brain`` or ``mask`` in napari order (C-contiguous)."""
+        if name not in ("difference", "brain", "mask"):
+            raise ValueError(f"no napari-order copy of {name!r}")
+        return self.cached(name, lambda: to_napari(getattr(self.result, name)))
+
+    def healthy(self, channel: int = 0) -> np.ndarray:
+        """One channel of the healthy image in napari order."""
+        return self.cached(f"healthy_{channel}",
+                           lambda: to_napari(self.result.healthy[channel]))
+
+    def remask(self, params: MaskParams) -> np.ndarray:
+        """The uint8 napari-order mask of ``params``, computed on the napari-order copies (equal
+        to the transpose of ``pipeline.remask`` of the result)."""
+        from .core.pipeline import threshold_region
+        from .core.settings import parse_threshold
+
+        return threshold_region(
+            self.zyx("difference"),
+            float(parse_threshold(float(params.threshold))),  # type: ignore[arg-type]
+            self.result.mask_region[::-1],
+            self.zyx("brain") if params.brain_only else None,
+            int(params.min_component_voxels),
+        )
 
 
-def prepare_for_display(result: Any, reference_channel: int = 0) -> None:
+def prepare_for_display(result: Any, reference_channel: int = 0) -> NapariResult:
     """Compute in the worker thread what showing ``result`` needs (napari-order copies, display
     limits, the slider's range, the first mask): on a 1 mm volume these take most of a second,
     which the GUI thread would otherwise stall for when the run's layers are added."""
-    session = ResultSession(result, "", reference_channel)
+    view = NapariResult(result)
+    session = ResultSession(view, "", reference_channel)
     session.healthy()
     session.difference()
-    result.zyx("brain")
+    view.zyx("brain")
     session.difference_range()
     session.display_limits()
     session.histogram()
-    display_cache(result, "first_mask", lambda: session.auto_mask(MaskParams(
-        float(result.threshold_used), int(result.settings.min_component_voxels),
-        bool(result.settings.brain_only))))
+    params = MaskParams(float(result.threshold_used), int(result.settings.min_component_voxels),
+                        bool(result.settings.brain_only))
+    view.first_mask = (params, view.remask(params))
+    return view
 
 
 @dataclass
@@ -185,7 +225,7 @@ class ResultSession:
     never discards them; :meth:`discard_edits` drops them.
     """
 
-    result: Any  # pipeline.LocalizeResult
+    view: NapariResult
     source_name: str
     reference_channel: int = 0
     overrides: np.ndarray | None = None
@@ -193,20 +233,24 @@ class ResultSession:
     _auprc_cache: dict[Any, float] = field(default_factory=dict)
 
     @property
+    def result(self) -> Any:
+        """The core ``LocalizeResult`` (canonical ``[X, Y, Z]``)."""
+        return self.view.result
+
+    @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.result.mask.shape[::-1])  # type: ignore[return-value]
 
     # Layers' data -------------------------------------------------------------------------
     def healthy(self) -> np.ndarray:
-        return display_cache(self.result, f"healthy_zyx_{self.reference_channel}", lambda: (
-            np.ascontiguousarray(self.result.healthy[self.reference_channel].transpose(2, 1, 0))))
+        return self.view.healthy(self.reference_channel)
 
     def difference(self) -> np.ndarray:
-        return self.result.zyx("difference")
+        return self.view.zyx("difference")
 
     def difference_range(self) -> tuple[float, float]:
         """(0, a top for the threshold slider and the difference display)."""
-        return display_cache(self.result, "difference_range", self._difference_range)
+        return self.view.cached("difference_range", self._difference_range)
 
     def _difference_range(self) -> tuple[float, float]:
         diff = self.result.difference
@@ -219,12 +263,12 @@ class ResultSession:
         """The brain's difference histogram with its threshold markers (core.lesions)."""
         from .core.lesions import difference_histogram
 
-        return display_cache(self.result, "histogram", lambda: difference_histogram(
-            self.result.zyx("difference"), self.result.zyx("brain"),
+        return self.view.cached("histogram", lambda: difference_histogram(
+            self.view.zyx("difference"), self.view.zyx("brain"),
             self.result.recommended_threshold, top=self.difference_range()[1]))
 
     def display_limits(self) -> tuple[float, float]:
-        return display_cache(self.result, "display_limits", self._display_limits)
+        return self.view.cached("display_limits", self._display_limits)
 
     def _display_limits(self) -> tuple[float, float]:
         diff = self.result.difference
@@ -236,23 +280,14 @@ class ResultSession:
 
     # Mask ---------------------------------------------------------------------------------
     def auto_mask(self, params: MaskParams) -> np.ndarray:
-        from .core.pipeline import remask
-
-        first = self.result._derived.pop("first_mask", None)  # made by prepare_for_display
-        if first is not None and (
-            float(params.threshold) == float(self.result.threshold_used)
-            and int(params.min_component_voxels) == int(self.result.settings.min_component_voxels)
-            and bool(params.brain_only) == bool(self.result.settings.brain_only)
-        ):
-            return first
-
-        return remask(
-            self.result,
-            threshold=float(params.threshold),
-            min_component_voxels=int(params.min_component_voxels),
-            brain_only=bool(params.brain_only),
-            order="zyx",
-        )
+        """The threshold result of ``params`` (napari order): the worker's first mask once,
+        when it matches, else the result's difference map thresholded again."""
+        first, self.view.first_mask = self.view.first_mask, None
+        if first is not None and first[0] == MaskParams(
+                float(params.threshold), int(params.min_component_voxels),
+                bool(params.brain_only)):
+            return first[1]
+        return self.view.remask(params)
 
     def mask(self, params: MaskParams) -> np.ndarray:
         """The mask to show: the threshold result with the painted voxels on top.
@@ -312,11 +347,11 @@ class ResultSession:
     # Metrics ------------------------------------------------------------------------------
     def evaluation_region(self) -> np.ndarray:
         """napari-order bool array: brain voxels on the slices this run processed."""
-        brain = self.result.brain.copy()
-        processed = np.zeros(brain.shape[2], dtype=bool)
+        brain = self.view.zyx("brain").copy()
+        processed = np.zeros(brain.shape[0], dtype=bool)
         processed[np.asarray(self.result.processed_slices, dtype=int)] = True
-        brain[:, :, ~processed] = False
-        return brain.transpose(2, 1, 0)
+        brain[~processed] = False
+        return brain
 
     def dice(self, mask: np.ndarray, truth: np.ndarray) -> float:
         region = self.evaluation_region()
@@ -328,8 +363,7 @@ class ResultSession:
         if key is not None and key in self._auprc_cache:
             return self._auprc_cache[key]
         region = self.evaluation_region()
-        value = metrics.auprc(self.result.difference.transpose(2, 1, 0)[region],
-                              np.asarray(truth)[region] > 0)
+        value = metrics.auprc(self.view.zyx("difference")[region], np.asarray(truth)[region] > 0)
         if key is not None:
             self._auprc_cache[key] = value
         return value

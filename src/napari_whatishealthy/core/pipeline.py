@@ -3,8 +3,10 @@
 ``iter_localize`` runs the whole path on a canonical ``[C, X, Y, Z]`` volume and yields the
 counterfactual's :class:`Progress` after every network call (so a GUI can show progress and stop
 between steps); it *returns* a :class:`LocalizeResult`. ``localize`` runs it to the end.
-``remask`` recomputes the mask from a result in milliseconds (the GUI threshold slider), and
-``core.results.write_outputs`` writes a result next to its source grid (the CLI, and the widget's save).
+``remask`` recomputes the mask of a result in milliseconds; ``threshold_region``, its core, works
+in any axis order (the GUI threshold slider calls it on napari's ``[Z, Y, X]`` copies, which the
+napari layer keeps: the result itself speaks only ``[X, Y, Z]``). ``core.results.write_outputs``
+writes a result next to its source grid (the CLI, and the widget's save).
 
 Resolution and where each output is computed
 --------------------------------------------
@@ -32,6 +34,7 @@ in-plane (``median_size``) before thresholding; the mask is restricted to the br
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +66,7 @@ __all__ = [
     "prepare_input",
     "remask",
     "resolve_threshold",
+    "threshold_region",
 ]
 
 @dataclass
@@ -88,31 +92,23 @@ class LocalizeResult:
     processed_slices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     recommended_threshold: float = 0.0
     warnings: list[str] = field(default_factory=list)
-    _derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.mask.shape)  # type: ignore[return-value]
 
-    def brain_box(self, order: str = "xyz") -> tuple[slice, slice, slice]:
-        """The bounding box of the brain (empty slices when there is none), in ``order``."""
-        if "box" not in self._derived:
-            from .anomaly import bounding_box
+    @functools.cached_property
+    def mask_region(self) -> tuple[slice, slice, slice]:
+        """The box ``[X, Y, Z]`` outside which no mask voxel can be set: the range of processed
+        axial slices within the brain's bounding box (empty when there is no brain). The
+        difference is 0 outside the brain and on unprocessed slices, so thresholding only ever
+        looks in here (about 40 % of a BraTS volume). Made once: the slider asks on every move."""
+        from .anomaly import bounding_box
 
-            box = bounding_box(self.brain)
-            self._derived["box"] = box if box is not None else (slice(0, 0),) * 3
-        box = self._derived["box"]
-        return box[::-1] if order == "zyx" else box  # type: ignore[return-value]
-
-    def zyx(self, name: str) -> np.ndarray:
-        """``difference``, ``brain`` or ``mask`` as a C-contiguous ``[Z, Y, X]`` array (napari's
-        axis order), made once and kept: transposing a BraTS volume costs ~20 ms, as much as
-        thresholding it, so a threshold slider should not pay it on every move."""
-        if name not in ("difference", "brain", "mask"):
-            raise ValueError(f"no [Z, Y, X] copy of {name!r}")
-        if name not in self._derived:
-            self._derived[name] = np.ascontiguousarray(getattr(self, name).transpose(2, 1, 0))
-        return self._derived[name]
+        box = bounding_box(self.brain)
+        if box is None:
+            return (slice(0, 0),) * 3
+        return _intersect(_processed_range(self.processed_slices), box)  # type: ignore[return-value]
 
 
 def resolve_threshold(
@@ -138,18 +134,14 @@ def remask(
     threshold: float | str | None = None,
     min_component_voxels: int | None = None,
     brain_only: bool = True,
-    order: str = "xyz",
 ) -> np.ndarray:
-    """A new uint8 mask from ``result.difference`` (``result`` itself is not changed).
+    """A new uint8 ``[X, Y, Z]`` mask from ``result.difference`` (``result`` is not changed).
 
     ``threshold``: a number, ``"auto"``, ``"otsu"`` or None (``result.threshold_used``);
     ``min_component_voxels`` None keeps the result's setting; ``"otsu"`` is computed over the
-    brain voxels of the processed slices. ``order``: ``"xyz"`` (the result's canonical
-    ``[X, Y, Z]``) or ``"zyx"`` (napari's ``[Z, Y, X]``, computed in that layout). Milliseconds on
-    a BraTS volume.
+    brain voxels of the processed slices. Milliseconds on a BraTS volume. A front end that holds
+    the arrays in another axis order calls :func:`threshold_region` on its own copies.
     """
-    if order not in ("xyz", "zyx"):
-        raise WhatIsHealthyError(f"order must be 'xyz' or 'zyx', got {order!r}")
     region = _processed_range(result.processed_slices)
     if threshold is None:
         value = result.threshold_used
@@ -160,18 +152,28 @@ def remask(
         )
     if min_component_voxels is None:
         min_component_voxels = result.settings.min_component_voxels
-    if order == "zyx":
-        difference, brain, region = result.zyx("difference"), result.zyx("brain"), region[::-1]
-    else:
-        difference, brain = result.difference, result.brain
-    # The difference is 0 outside the brain, so nothing outside its bounding box can be masked:
-    # the slider only ever looks inside it (about 40 % of a BraTS volume).
-    region = _intersect(region, result.brain_box(order))
+    return threshold_region(result.difference, value, result.mask_region,
+                            result.brain if brain_only else None, int(min_component_voxels))
+
+
+def threshold_region(
+    difference: np.ndarray,
+    threshold: float,
+    region: tuple[slice, ...],
+    brain: np.ndarray | None = None,
+    min_component_voxels: int = 0,
+) -> np.ndarray:
+    """A uint8 mask the shape of ``difference``: :func:`make_mask` inside ``region`` (a box of
+    slices), 0 outside it. Any axis order: ``difference``, ``brain`` (None: not restricted to it)
+    and ``region`` only have to agree, so a viewer can keep its own transposed copies and never
+    transpose on a threshold change. Components are found within ``region``: pass a box outside
+    which nothing can be above the threshold (:attr:`LocalizeResult.mask_region`, reversed for
+    ``[Z, Y, X]`` arrays)."""
     mask = np.zeros(difference.shape, dtype=np.uint8)
     mask[region] = make_mask(
         difference[region],
-        value,
-        brain_mask=brain[region] if brain_only else None,
+        threshold,
+        brain_mask=brain[region] if brain is not None else None,
         min_component_voxels=int(min_component_voxels),
     )
     return mask
@@ -423,7 +425,10 @@ def _run(
     region = _processed_range(sub.slice_index)
     threshold_used = resolve_threshold(settings.threshold, difference[region], brain[region],
                                        recommended)
-    mask = _mask_in(region, difference, brain, threshold_used, settings)
+    # Unprocessed slices have difference 0, never above a threshold >= 0: the mask (and its
+    # components) only needs computing over the range of processed slices.
+    mask = threshold_region(difference, threshold_used, region,
+                            brain if settings.brain_only else None, settings.min_component_voxels)
     seconds_by_stage = {
         "preparing": round(seconds_preparing, 3),
         "network": round(t_model, 3),
@@ -537,20 +542,6 @@ def _warnings(prepared: PreparedVolume, sub: PreparedVolume) -> list[str]:
     if sub.slice_index.size == 0:
         return ["none of the requested axial slices holds brain; nothing was processed"]
     return []
-
-
-def _mask_in(region: tuple[slice, ...], difference: np.ndarray, brain: np.ndarray,
-             threshold: float, settings: LocalizeSettings) -> np.ndarray:
-    """The mask of a run. Unprocessed slices have difference 0, never above a threshold >= 0:
-    the mask (and its components) only needs computing over the range of processed slices."""
-    mask = np.zeros(brain.shape, dtype=np.uint8)
-    mask[region] = make_mask(
-        difference[region],
-        threshold,
-        brain_mask=brain[region] if settings.brain_only else None,
-        min_component_voxels=settings.min_component_voxels,
-    )
-    return mask
 
 
 def _intersect(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, ...]:
