@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QComboBox, QWidget
 
-from ._widget_layout import SCOPE_SLICE, SCOPE_VOLUME, build_layout
+from ._widget_layout import ORIENTATIONS, SCOPE_SLICE, SCOPE_VOLUME, build_layout
 from ._widget_model import ModelChoice
 from ._widget_result import ResultHandlers
 from ._widget_run import RunHandlers
@@ -84,3 +84,13 @@ class LocalizeWidget(ModelChoice, RunHandlers, ResultHandlers, SettingsHandlers,
             self.viewer.axes.labels = True
         except AttributeError as exc:
             log.debug("no axes overlay: %s", exc)
+
+    def set_orientation(self, name: str) -> None:
+        """Orient the 2D view (a choice of ORIENTATIONS); the data are not flipped."""
+        orientation = ORIENTATIONS.get(name)
+        if orientation is None:
+            return
+        try:
+            self.viewer.camera.orientation2d = orientation
+        except (AttributeError, ValueError) as exc:  # older napari
+            log.debug("cannot set the camera orientation: %s", exc)

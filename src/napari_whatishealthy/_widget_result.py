@@ -18,7 +18,7 @@ from ._layer_choice import (
 )
 from ._layers import default_mask_path, protected_paths, to_napari
 from ._lesion_table import lesion_csv_path
-from ._widget_layout import NONE, ORIENTATIONS
+from ._widget_layout import NONE
 from ._widget_state import (
     MaskParams,
     NapariResult,
@@ -129,7 +129,6 @@ class ResultHandlers:
         self.histogram.set_histogram(session.histogram())
         self.histogram.set_current(params.threshold)
         self.lesion_table.bind(layer, session.difference(), uncertainty)
-        self._stale = False
         self._result_snapshot = self._run_snapshot()
         self.stale_label.setVisible(False)
         self.result_box.setEnabled(True)
@@ -353,18 +352,8 @@ class ResultHandlers:
         """Say that the result is out of date while a setting differs from its run's (and stop
         saying so when the setting is put back)."""
         if self._session is not None:
-            self._stale = self._run_snapshot() != getattr(self, "_result_snapshot", None)
-            self.stale_label.setVisible(self._stale)
-
-    def set_orientation(self, name: str) -> None:
-        """Orient the 2D view (a choice of ORIENTATIONS); the data are not flipped."""
-        orientation = ORIENTATIONS.get(name)
-        if orientation is None:
-            return
-        try:
-            self.viewer.camera.orientation2d = orientation
-        except (AttributeError, ValueError) as exc:  # older napari
-            log.debug("cannot set the camera orientation: %s", exc)
+            self.stale_label.setVisible(
+                self._run_snapshot() != getattr(self, "_result_snapshot", None))
 
     def save_mask(self, path: str | Path | None = None) -> Path | None:
         """Save the mask layer through the plugin's writer; without ``path``, ask with a dialog

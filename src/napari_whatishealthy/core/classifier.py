@@ -38,8 +38,7 @@ from .model import (
     JSONSpec,
     ModelSpec,
     ScheduleSpec,
-    load_state_strict,
-    read_safetensors,
+    load_network,
     read_spec_json,
     spec_from_sections,
     write_checkpoint_files,
@@ -209,13 +208,7 @@ def save_classifier(
 
 
 def load_classifier_spec(directory: str | Path) -> ClassifierSpec:
-    path = Path(directory) / SPEC_FILE
-    if not path.is_file():
-        raise CheckpointError(
-            f"{path}: no classifier spec here; a classifier checkpoint is a folder with "
-            f"{SPEC_FILE} and {WEIGHTS_FILE}"
-        )
-    data = read_spec_json(path, "classifier")
+    data = read_spec_json(directory, "classifier")
     return ClassifierSpec.from_dict(data, where=str(Path(directory)))
 
 
@@ -227,23 +220,10 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
     classifier is in eval mode with its parameters frozen (guidance needs gradients with respect
     to the input only).
     """
-    directory = Path(directory)
-    if directory.is_file():
-        raise CheckpointError(
-            f"{directory}: expected a classifier checkpoint folder holding {SPEC_FILE} and "
-            f"{WEIGHTS_FILE}"
-        )
-    from .spec_check import check_weights_fit
-
-    spec = load_classifier_spec(directory)
-    check_weights_fit(directory / WEIGHTS_FILE, lambda: build_classifier(spec), "classifier")
-    state = read_safetensors(directory / WEIGHTS_FILE, "classifier checkpoint")
-    model = build_classifier(spec)
-    load_state_strict(model, state, f"{directory}: the classifier weights do not match its spec")
-    model.eval()
+    model = load_network(directory, "classifier", load_classifier_spec, build_classifier, device)
     for p in model.parameters():
         p.requires_grad_(False)
-    return model.to(device)
+    return model  # type: ignore[return-value]
 
 
 def resolve_classifier(path: str | Path) -> Path:

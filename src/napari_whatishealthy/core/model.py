@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -262,18 +262,23 @@ def checkpoint_hash(directory: str | Path) -> str:
 
 
 def load_spec(directory: str | Path) -> ModelSpec:
+    data = read_spec_json(directory, "model")
+    return ModelSpec.from_dict(data, where=str(Path(directory) / SPEC_FILE))
+
+
+def _checkpoint(what: str) -> str:
+    """What a checkpoint of ``what`` (``"model"`` or ``"classifier"``) is called in messages."""
+    return "checkpoint" if what == "model" else f"{what} checkpoint"
+
+
+def read_spec_json(directory: str | Path, what: str) -> dict[str, Any]:
+    """The JSON object of checkpoint folder ``directory``'s spec file (``what``: ``"model"`` or
+    ``"classifier"``); a missing, unreadable, invalid, too deeply nested or oversized file is one
+    CheckpointError line."""
     path = Path(directory) / SPEC_FILE
     if not path.is_file():
-        raise CheckpointError(
-            f"{path}: no model spec here; a checkpoint is a folder with {SPEC_FILE} and {WEIGHTS_FILE}"
-        )
-    data = read_spec_json(path, "model")
-    return ModelSpec.from_dict(data, where=str(path))
-
-
-def read_spec_json(path: Path, what: str) -> dict[str, Any]:
-    """A spec file's JSON object; unreadable, invalid, too deeply nested or oversized JSON is
-    one CheckpointError line."""
+        raise CheckpointError(f"{path}: no {what} spec here; a {_checkpoint(what)} is a folder "
+                              f"with {SPEC_FILE} and {WEIGHTS_FILE}")
     try:
         if path.stat().st_size > 1 << 20:
             raise CheckpointError(f"{path}: a {what} spec is a small JSON file; this one is "
@@ -293,21 +298,28 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     Pickles, truncated or corrupt weight files, and weights that do not fit the spec are refused
     with a ``CheckpointError`` that says what is wrong.
     """
+    return load_network(directory, "model", load_spec, build_model, device)  # type: ignore[return-value]
+
+
+def load_network(directory: str | Path, what: str, load_spec_of: Callable[[Path], Any],
+                 build: Callable[[Any], nn.Module], device: str | torch.device) -> nn.Module:
+    """The network of checkpoint folder ``directory`` (``what``: ``"model"`` or
+    ``"classifier"``), in eval mode on ``device``: its spec (``load_spec_of``), the weight file's
+    tensor shapes checked against the spec before the network (``build``) takes any memory, then
+    the weights, read without executing code and loaded strictly."""
     directory = Path(directory)
     if directory.is_file():
-        raise CheckpointError(
-            f"{directory}: expected a checkpoint folder holding {SPEC_FILE} and {WEIGHTS_FILE}"
-        )
+        raise CheckpointError(f"{directory}: expected a {_checkpoint(what)} folder holding "
+                              f"{SPEC_FILE} and {WEIGHTS_FILE}")
     from .spec_check import check_weights_fit
 
-    spec = load_spec(directory)
-    # The file's tensor shapes against the spec before the network takes any memory.
-    check_weights_fit(directory / WEIGHTS_FILE, lambda: build_model(spec), "model")
-    state = read_safetensors(directory / WEIGHTS_FILE, "checkpoint")
-    model = build_model(spec)
-    load_state_strict(model, state, f"{directory}: the weights do not match the spec")
-    model.eval()
-    return model.to(device)
+    spec = load_spec_of(directory)
+    check_weights_fit(directory / WEIGHTS_FILE, lambda: build(spec), what)
+    state = read_safetensors(directory / WEIGHTS_FILE, _checkpoint(what))
+    network = build(spec)
+    load_state_strict(network, state, f"{directory}: the {what} weights do not match the spec")
+    network.eval()
+    return network.to(device)
 
 
 def refuse_pickle(weights: Path, what: str = "checkpoint") -> None:

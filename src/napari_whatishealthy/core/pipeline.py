@@ -425,8 +425,7 @@ def _run(
     region = _processed_range(sub.slice_index)
     threshold_used = resolve_threshold(settings.threshold, difference[region], brain[region],
                                        recommended)
-    # Unprocessed slices have difference 0, never above a threshold >= 0: the mask (and its
-    # components) only needs computing over the range of processed slices.
+    # Unprocessed slices have difference 0, never above a threshold: only their range counts.
     mask = threshold_region(difference, threshold_used, region,
                             brain if settings.brain_only else None, settings.min_component_voxels)
     seconds_by_stage = {
