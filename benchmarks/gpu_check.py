@@ -145,7 +145,7 @@ def main() -> int:
     if "--compile-row" in sys.argv:
         print(json.dumps(compile_row()))
         return 0
-    from napari_whatishealthy.core import pipeline
+    from napari_whatishealthy.core import device_outputs
     from napari_whatishealthy.core.counterfactual import counterfactual, describe_inference, timestep_plan
     from napari_whatishealthy.core.pipeline import LocalizeSettings, localize, prepare_input
 
@@ -155,7 +155,7 @@ def main() -> int:
     print(f"device: {DEVICE} ({gpu}), torch {torch.__version__}, python {platform.python_version()}, "
           f"{os.cpu_count()} CPU cores" + (", QUICK=1 (tiny model and volume: a smoke test)" if QUICK else ""))
     if FORCE_DEVICE_OUTPUTS:  # the torch outputs path on any device (the CPU smoke test's)
-        pipeline.use_device_outputs = lambda device: True
+        device_outputs.use_device_outputs = lambda device: True
     model, spec, description = load_model()
     data = load_volume()
     settings = LocalizeSettings.from_spec(spec, device=DEVICE)
@@ -179,16 +179,16 @@ def main() -> int:
                  f"{stages}; network alone (counterfactual on the prepared slices) "
                  f"{network_s:.3f} s; preparing alone (prepare_input) {prepare_s:.3f} s"))
     rows.append(("one-slice preview, volume prepared", "1", preview_s, preview_stages))
-    if pipeline.use_device_outputs(torch.device(DEVICE)):
+    if device_outputs.use_device_outputs(torch.device(DEVICE)):
         # The same run with the numpy outputs on the host (the path before they moved to the
         # device), to show what moving them saved, in the same run.
-        on_device = pipeline.use_device_outputs
-        pipeline.use_device_outputs = lambda device: False
+        on_device = device_outputs.use_device_outputs
+        device_outputs.use_device_outputs = lambda device: False
         try:
             host_s, host_stages = _timed_stages(lambda: localize(model, spec, data, settings),
                                                 repeats)
         finally:
-            pipeline.use_device_outputs = on_device
+            device_outputs.use_device_outputs = on_device
         rows.append(("pipeline, outputs mapped back on the host (numpy)", f"{n_brain}", host_s,
                      host_stages))
     fp32 = LocalizeSettings.from_spec(spec, device=DEVICE, amp=False)

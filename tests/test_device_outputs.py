@@ -68,7 +68,8 @@ def test_device_outputs_agree_with_the_numpy_path_on_the_sample(z_slices):
         keep[[5, len(keep) // 3 + 2, len(keep) - 4]] = True
         sub = prepared.restrict(prepared.slice_index[keep])
         healthy_sub = healthy[keep]
-    host = pipeline._HostOutputs(data, prepared, sub, 3, 4)(healthy_sub)
+    scored = pipeline._scored_region(prepared.brain, sub.slice_index, 4)
+    host = pipeline._volume_outputs(data, prepared, sub, healthy_sub, 3, scored)
     torch_path = DeviceOutputs(data, prepared, sub, 3, 4, "cpu")(healthy_sub)
     for name, a, b in zip(("difference", "per channel", "healthy"), torch_path, host, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype, name
@@ -91,7 +92,7 @@ def test_localize_with_device_outputs_on_the_cpu_equals_the_numpy_run(tiny_check
     data = load_volume(case_dirs[1]).select(spec.modalities).data
     settings = LocalizeSettings.from_spec(spec, edge_erosion=1, noise_levels=(0.2, 0.4))
     host = localize(model, spec, data, settings)
-    monkeypatch.setattr(pipeline, "use_device_outputs", lambda device: True)
+    monkeypatch.setattr(device_outputs, "use_device_outputs", lambda device: True)
     on_device = localize(model, spec, data, settings)
     assert host.provenance["seconds_by_stage"]["outputs_on"] == "host"
     assert on_device.provenance["seconds_by_stage"]["outputs_on"] == "cpu"
@@ -111,7 +112,7 @@ def test_device_outputs_fall_back_to_the_host_when_the_device_is_out_of_memory(
     def out_of_memory(self, healthy_s):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(pipeline, "use_device_outputs", lambda device: True)
+    monkeypatch.setattr(device_outputs, "use_device_outputs", lambda device: True)
     monkeypatch.setattr(device_outputs.DeviceOutputs, "__call__", out_of_memory)
     fallen_back = localize(model, spec, data)
     assert fallen_back.provenance["seconds_by_stage"]["outputs_on"] == "host"

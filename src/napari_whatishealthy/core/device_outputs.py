@@ -16,13 +16,21 @@ erosion (face connectivity, outside = background). Only float rounding order can
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .device import free_memory, is_out_of_memory
 from .preprocess import PreparedVolume
 
-__all__ = ["DeviceOutputs", "erode_mask_torch", "median_smooth_torch", "use_device_outputs"]
+__all__ = ["DeviceOutputs", "Outputs", "choose_outputs", "erode_mask_torch",
+           "median_smooth_torch", "use_device_outputs"]
+
+#: Maps one counterfactual's model-space slices back: healthy_s -> (difference [X, Y, Z],
+#: per-channel difference [C, X, Y, Z], healthy [C, X, Y, Z]), numpy float32.
+Outputs = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 #: Device types whose runs compute their volume outputs on the device (the CPU keeps numpy:
 #: scipy's median and erosion are as fast there, and nothing has to move).
@@ -36,6 +44,41 @@ _MEDIAN_CHUNK_ELEMENTS = 1 << 26
 def use_device_outputs(device: torch.device | str) -> bool:
     """Whether a run whose network is on ``device`` computes its outputs there."""
     return torch.device(device).type in DEVICE_TYPES
+
+
+class _Chosen:
+    """The outputs of a run, with where they are made (``where``: ``"host"`` or the device); a
+    device that runs out of memory hands over to the host for the rest of the run."""
+
+    def __init__(self, make: Outputs, where: str, host: Callable[[], Outputs],
+                 device: torch.device | str) -> None:
+        self.make, self.where, self.host, self.device = make, where, host, device
+
+    def __call__(self, healthy_s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.where != "host":
+            try:
+                return self.make(healthy_s)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+            free_memory(torch.device(self.device))
+            self.make, self.where = self.host(), "host"
+        return self.make(healthy_s)
+
+
+def choose_outputs(device: torch.device | str, host: Callable[[], Outputs],
+                   on_device: Callable[[], Outputs]) -> Outputs:
+    """A run's :data:`Outputs`: ``on_device()`` where :func:`use_device_outputs` (CUDA: there
+    the numpy path took 3-4x as long as the network), ``host()`` otherwise or when the device
+    runs out of memory for them. The result says which in ``where``."""
+    if use_device_outputs(device):
+        try:
+            return _Chosen(on_device(), str(device), host, device)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+        free_memory(torch.device(device))
+    return _Chosen(host(), "host", host, device)
 
 
 def _reflect_index(n: int, before: int, after: int, device: torch.device) -> torch.Tensor:

@@ -46,9 +46,10 @@ import torch
 
 from .anomaly import difference_maps, erode_mask, make_mask, median_smooth, otsu_threshold
 from .counterfactual import iter_counterfactual, model_device
-from .device import free_memory, is_out_of_memory, resolve_device
-from .device_outputs import DeviceOutputs, use_device_outputs
+from .device import resolve_device
+from .device_outputs import DeviceOutputs, Outputs, choose_outputs
 from .errors import InputError, WhatIsHealthyError
+from .memory import check_memory
 from .model import ModelSpec
 from .preprocess import PreparedVolume, prepare, to_slices
 from .provenance import make_provenance
@@ -177,39 +178,6 @@ def threshold_region(
         min_component_voxels=int(min_component_voxels),
     )
     return mask
-
-
-def peak_bytes(voxels: int, channels: int) -> int:
-    """Estimated peak memory of localizing a volume of ``voxels`` voxels per channel: the input,
-    healthy and per-channel difference maps (float32 per channel) plus the difference, brain,
-    mask and their napari-order copies. A 640^3 single-channel volume peaked at 10.1 GB, 38
-    bytes per voxel (issue 17); this gives 38."""
-    return int(voxels) * (12 * int(channels) + 26)
-
-
-def available_memory() -> int | None:
-    """Bytes the system can still give (MemAvailable); None where that is unknown."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def check_memory(voxels: int, channels: int, where: str = "") -> None:
-    """Refuse a volume whose estimated peak (:func:`peak_bytes`) exceeds the available memory,
-    before any work, with the estimate."""
-    need, have = peak_bytes(voxels, channels), available_memory()
-    if have is not None and need > have:
-        prefix = f"{where}: " if where else ""
-        raise InputError(
-            f"{prefix}localizing this volume ({voxels / 1e6:.0f} M voxels x {channels} channel(s)) "
-            f"needs about {need / 2**30:.1f} GiB of memory, {have / 2**30:.1f} GiB are available; "
-            "crop or resample it, or close other programs"
-        )
 
 
 def _check_finite_weights(network: Any, path: str | Path | None, what: str) -> None:
@@ -420,7 +388,7 @@ def _run(
     outputs = _outputs_for(data, prepared, sub, settings, device)
     difference, per_channel, healthy = outputs(per_level[0])
     difference, uncertainty = _over_levels(difference, per_level, outputs)
-    t_outputs = time.time() - started - t_model
+    t_outputs = time.time() - started
     recommended = float(spec.inference.threshold)
     region = _processed_range(sub.slice_index)
     threshold_used = resolve_threshold(settings.threshold, difference[region], brain[region],
@@ -428,13 +396,6 @@ def _run(
     # Unprocessed slices have difference 0, never above a threshold: only their range counts.
     mask = threshold_region(difference, threshold_used, region,
                             brain if settings.brain_only else None, settings.min_component_voxels)
-    seconds_by_stage = {
-        "preparing": round(seconds_preparing, 3),
-        "network": round(t_model, 3),
-        "outputs": round(t_outputs, 3),
-        "mask": round(time.time() - started - t_model - t_outputs, 3),
-        "outputs_on": outputs.where,
-    }
     provenance = make_provenance(
         settings=settings,
         device=str(device),
@@ -454,7 +415,7 @@ def _run(
             "brain_voxels": int(brain.sum()),
             "seconds": round(time.time() - started, 3),
             "seconds_model": round(t_model, 3),
-            "seconds_by_stage": seconds_by_stage,
+            "seconds_by_stage": _by_stage(seconds_preparing, started, t_model, t_outputs, outputs),
             "warnings": warnings,
             **({"classifier": classifier_info} if classifier_info is not None else {}),
         },
@@ -476,55 +437,31 @@ def _run(
     )
 
 
-class _HostOutputs:
-    """The numpy path of the volume outputs (the CPU's): the scored region is eroded once per
-    run, :meth:`__call__` maps one counterfactual back (see ``_volume_outputs``)."""
-
-    where = "host"
-
-    def __init__(self, data: np.ndarray, prepared: PreparedVolume, sub: PreparedVolume,
-                 median_size: int, erosion: int) -> None:
-        self.args = (data, prepared, sub)
-        self.median_size = median_size
-        self.scored = _scored_region(prepared.brain, sub.slice_index, erosion)
-
-    def __call__(self, healthy_s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return _volume_outputs(*self.args, healthy_s, self.median_size, self.scored)
+def _by_stage(preparing: float, started: float, network: float, outputs_done: float,
+              outputs: Outputs) -> dict[str, Any]:
+    """Seconds of each stage of a run (``started``: when the network started; ``network`` and
+    ``outputs_done``: seconds from then to the end of each), and where the outputs were made."""
+    now = time.time() - started
+    return {"preparing": round(preparing, 3), "network": round(network, 3),
+            "outputs": round(outputs_done - network, 3), "mask": round(now - outputs_done, 3),
+            "outputs_on": getattr(outputs, "where", "host")}
 
 
 def _outputs_for(data: np.ndarray, prepared: PreparedVolume, sub: PreparedVolume,
-                 settings: LocalizeSettings, device: torch.device
-                 ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """How this run maps its counterfactuals back to the volume grid: with torch on the device
-    where the network runs on CUDA (:mod:`.device_outputs`: the numpy path took 3-4x as long
-    as the network there), with numpy on the host otherwise, or when the device runs out of
-    memory for it."""
-    erosion = int(settings.edge_erosion)
-    if use_device_outputs(device):
-        try:
-            on_device = DeviceOutputs(data, prepared, sub, settings.median_size, erosion, device)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            free_memory(device)
-        else:
-            def outputs(healthy_s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-                try:
-                    return on_device(healthy_s)
-                except Exception as exc:
-                    if not is_out_of_memory(exc):
-                        raise
-                free_memory(device)
-                outputs.where = "host"  # type: ignore[attr-defined]
-                return _HostOutputs(data, prepared, sub, settings.median_size, erosion)(healthy_s)
+                 settings: LocalizeSettings, device: torch.device) -> Outputs:
+    """How this run maps its counterfactuals back to the volume grid (see
+    :func:`.device_outputs.choose_outputs`): numpy on the host, or torch on a CUDA device."""
+    erosion, median = int(settings.edge_erosion), int(settings.median_size)
 
-            outputs.where = str(device)  # type: ignore[attr-defined]
-            return outputs
-    return _HostOutputs(data, prepared, sub, settings.median_size, erosion)
+    def host() -> Outputs:
+        scored = _scored_region(prepared.brain, sub.slice_index, erosion)
+        return lambda healthy_s: _volume_outputs(data, prepared, sub, healthy_s, median, scored)
+
+    return choose_outputs(device, host,
+                          lambda: DeviceOutputs(data, prepared, sub, median, erosion, device))
 
 
-def _over_levels(difference: np.ndarray, per_level: list[np.ndarray],
-                 outputs: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+def _over_levels(difference: np.ndarray, per_level: list[np.ndarray], outputs: Outputs
                  ) -> tuple[np.ndarray, np.ndarray | None]:
     """(score, uncertainty): with several noise levels the mean of their maps is the score and
     their spread says where it is unsure (the healthy image shown is the first level's)."""
