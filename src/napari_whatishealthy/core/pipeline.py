@@ -52,6 +52,7 @@ from .errors import InputError, WhatIsHealthyError
 from .memory import check_memory
 from .model import ModelSpec
 from .preprocess import PreparedVolume, prepare, to_slices
+from .preprocess import as_basic_slice as _as_slice
 from .provenance import make_provenance
 from .settings import THRESHOLD_CHOICES, LocalizeSettings, parse_threshold
 from .steps import Progress, drain
@@ -558,14 +559,6 @@ def _volume_outputs(
         np.maximum(changed, 0.0, out=changed)
     healthy[..., z] = changed
     return difference, per_channel, healthy
-
-
-def _as_slice(index: np.ndarray) -> slice | np.ndarray:
-    """``index`` as a basic slice when it is a run of consecutive integers."""
-    if index.size and int(index[-1]) - int(index[0]) == index.size - 1 and (
-            index.size < 2 or bool(np.all(np.diff(index) == 1))):
-        return slice(int(index[0]), int(index[-1]) + 1)
-    return index
 
 
 def localize(
