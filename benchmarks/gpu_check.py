@@ -5,7 +5,9 @@ same GPU, in one run of about a minute.
     DEVICE=cpu QUICK=1 bash benchmarks/gpu_check.sh   # smoke test: tiny model and volume, seconds
 
 Environment: ``DEVICE`` (default ``cuda``), ``QUICK=1`` (tiny random model, tiny volume),
-``COMPILE=0`` (skip the torch.compile row), ``COMPILE_TIMEOUT`` (seconds, default 40: compiling
+``COMPILE=0`` (skip the torch.compile row), ``OUTPUTS_ON_DEVICE=1`` (the outputs mapped back
+with torch on ``DEVICE`` even on a CPU; the default with ``QUICK=1``, so that the smoke test runs
+that path), ``COMPILE_TIMEOUT`` (seconds, default 40: compiling
 is given that long in its own process and reported as not finished otherwise), ``BUDGET`` (seconds,
 default 75: rows that would start after it are skipped and say so).
 
@@ -14,8 +16,13 @@ Input: the bundled sample case (FLAIR, T1, T1ce, T2; 2 mm) resampled to BraTS si
 
 * pipeline: ``core.pipeline.localize`` at the model's recommended settings, everything included
   (preparing the volume, the network, mapping back, median filter, mask and components); on CUDA
-  that is bf16 autocast, 256 slices per chunk, channels-last. Median of three runs after a
-  warm-up, with the network's share (``counterfactual`` on the prepared slices) beside it.
+  that is bf16 autocast, 256 slices per chunk, channels-last, and the outputs mapped back on the
+  device (``core.device_outputs``). Median of three runs after a warm-up, split by stage
+  (preparing: brain mask, scales and model-space slices; network; outputs: mapping back, median
+  filter, erosion, healthy image; mask: threshold and components; other: the rest), with the
+  network alone (``counterfactual`` on the prepared slices) beside it.
+* one-slice preview with the volume prepared (the widget's case), split the same way.
+* pipeline with the outputs on the host (numpy), as before they moved to the device (CUDA only).
 * reference (batch 32): the reference code's structure (``reference_loops``): every axial slice,
   32 per call, the two guidance passes as separate calls, float32, ``no_grad``, at the pipeline's
   settings; and at the reference code's own settings (75 + 75 steps, L = 0.75).
@@ -52,6 +59,7 @@ from reference_loops import (  # noqa: E402
 QUICK = os.environ.get("QUICK", "0") == "1"
 DEVICE = os.environ.get("DEVICE", "cuda")
 BUDGET_S = float(os.environ.get("BUDGET", "75"))
+FORCE_DEVICE_OUTPUTS = os.environ.get("OUTPUTS_ON_DEVICE", "1" if QUICK else "0") == "1"
 T0 = time.perf_counter()
 
 
@@ -70,6 +78,22 @@ def _timed(fn, repeats: int = 1):
         _sync()
         times.append(time.perf_counter() - started)
     return statistics.median(times), out
+
+
+def _timed_stages(run, repeats: int) -> tuple[float, str]:
+    """(median seconds, the split of that median run by stage) of a ``localize`` call: the
+    pipeline's own timings (``provenance["seconds_by_stage"]``) plus what they do not cover."""
+    runs = []
+    for _ in range(repeats):
+        seconds, result = _timed(run)
+        runs.append((seconds, result.provenance["seconds_by_stage"]))
+    runs.sort(key=lambda r: r[0])
+    seconds, stage = runs[len(runs) // 2]
+    timed = sum(v for v in stage.values() if isinstance(v, float))
+    return seconds, (
+        f"preparing {stage['preparing']:.3f} s, network {stage['network']:.3f} s, outputs "
+        f"{stage['outputs']:.3f} s (on {stage['outputs_on']}), mask {stage['mask']:.3f} s, "
+        f"other {max(0.0, seconds - timed):.3f} s")
 
 
 def load_model():
@@ -121,6 +145,7 @@ def main() -> int:
     if "--compile-row" in sys.argv:
         print(json.dumps(compile_row()))
         return 0
+    from napari_whatishealthy.core import device_outputs
     from napari_whatishealthy.core.counterfactual import counterfactual, describe_inference, timestep_plan
     from napari_whatishealthy.core.pipeline import LocalizeSettings, localize, prepare_input
 
@@ -129,6 +154,8 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(0) if DEVICE.startswith("cuda") else platform.processor() or "cpu"
     print(f"device: {DEVICE} ({gpu}), torch {torch.__version__}, python {platform.python_version()}, "
           f"{os.cpu_count()} CPU cores" + (", QUICK=1 (tiny model and volume: a smoke test)" if QUICK else ""))
+    if FORCE_DEVICE_OUTPUTS:  # the torch outputs path on any device (the CPU smoke test's)
+        device_outputs.use_device_outputs = lambda device: True
     model, spec, description = load_model()
     data = load_volume()
     settings = LocalizeSettings.from_spec(spec, device=DEVICE)
@@ -142,15 +169,28 @@ def main() -> int:
     n_all = int(data.shape[3])
     print(f"volume: {list(data.shape[1:])}, {n_brain} brain slices of {n_all}; load + warm-up ...", flush=True)
     localize(model, spec, data, settings, prepared=prepared)  # warm-up: kernels for both shapes
-    volume_s, _ = _timed(lambda: localize(model, spec, data, settings), repeats)
+    volume_s, stages = _timed_stages(lambda: localize(model, spec, data, settings), repeats)
     network_s, _ = _timed(lambda: counterfactual(model, prepared.slices, settings), repeats)
     centre = int(prepared.slice_index[n_brain // 2])
-    preview_s, _ = _timed(lambda: localize(model, spec, data, settings, z_slices=[centre],
-                                           prepared=prepared), repeats)
+    preview_s, preview_stages = _timed_stages(
+        lambda: localize(model, spec, data, settings, z_slices=[centre], prepared=prepared),
+        repeats)
     rows.append(("pipeline (default settings)", f"{n_brain}", volume_s,
-                 f"network {network_s:.3f} s, preparing {prepare_s:.3f} s, rest "
-                 f"{max(0.0, volume_s - network_s - prepare_s):.3f} s; one-slice preview "
-                 f"(volume prepared) {preview_s:.3f} s"))
+                 f"{stages}; network alone (counterfactual on the prepared slices) "
+                 f"{network_s:.3f} s; preparing alone (prepare_input) {prepare_s:.3f} s"))
+    rows.append(("one-slice preview, volume prepared", "1", preview_s, preview_stages))
+    if device_outputs.use_device_outputs(torch.device(DEVICE)):
+        # The same run with the numpy outputs on the host (the path before they moved to the
+        # device), to show what moving them saved, in the same run.
+        on_device = device_outputs.use_device_outputs
+        device_outputs.use_device_outputs = lambda device: False
+        try:
+            host_s, host_stages = _timed_stages(lambda: localize(model, spec, data, settings),
+                                                repeats)
+        finally:
+            device_outputs.use_device_outputs = on_device
+        rows.append(("pipeline, outputs mapped back on the host (numpy)", f"{n_brain}", host_s,
+                     host_stages))
     fp32 = LocalizeSettings.from_spec(spec, device=DEVICE, amp=False)
     counterfactual(model, prepared.slices[:8], fp32)
     fp32_s, _ = _timed(lambda: counterfactual(model, prepared.slices, fp32), repeats)
@@ -213,7 +253,7 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for name, slices, seconds, note in rows:
         value = "-" if seconds is None else f"{seconds:.3f}"
-        ratio = "-" if seconds is None else f"{ref_s / seconds:.2f}x"
+        ratio = "-" if seconds is None or slices == "1" else f"{ref_s / seconds:.2f}x"
         print(f"| {name} | {slices} | {value} | {ratio} | {note} |")
     print()
     print(f"total time of this check: {time.perf_counter() - T0:.0f} s")

@@ -96,6 +96,15 @@ def test_gpu_check_quick_on_cpu_prints_every_row():
     assert any("75+75 steps" in n for n in names)
     reference = next(r for r in rows if r[0] == "reference, batch 32, float32")
     assert reference[3] == "1.00x" and float(reference[2]) > 0
+    # The split by stage of the pipeline, the preview and (the smoke test maps the outputs back
+    # with torch on the CPU, as CUDA does) the same run with the numpy outputs beside it.
+    split = re.compile(r"preparing \d+\.\d+ s, network \d+\.\d+ s, outputs \d+\.\d+ s \(on (\w+)\), "
+                       r"mask \d+\.\d+ s, other \d+\.\d+ s")
+    assert split.match(rows[0][4]).group(1) == "cpu"
+    preview = next(r for r in rows if r[0].startswith("one-slice preview"))
+    assert preview[1] == "1" and preview[3] == "-" and split.match(preview[4])
+    host = next(r for r in rows if "on the host" in r[0])
+    assert split.match(host[4]).group(1) == "host"
     assert re.fullmatch(r"gpu_speedup_vs_reference \d+\.\d\d", proc.stdout.strip().splitlines()[-1])
 
 

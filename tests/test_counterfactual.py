@@ -468,3 +468,18 @@ def test_inversion_normalisation_changes_only_what_is_out_of_range():
     plain = invert(model, bright, plan, ALPHAS)
     normalised = invert(model, bright, plan, ALPHAS, normalise=True)
     assert (plain - normalised).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("percentile", [0.0, 37.5, 99.0, 100.0])
+def test_dynamic_normalisation_percentile_equals_the_sorted_one(percentile) -> None:
+    """The percentile from the top order statistics (topk) is the one a full sort gives."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 2, 16, 16, generator=gen) * 3
+    x[1] = torch.round(x[1])  # ties
+    values = x.abs().flatten(2).sort(dim=2).values
+    pos = percentile / 100.0 * (values.shape[2] - 1)
+    lo = int(np.floor(pos))
+    hi = min(lo + 1, values.shape[2] - 1)
+    q = (values[..., lo] + (pos - lo) * (values[..., hi] - values[..., lo])).clamp_min(1.0)
+    q = q[..., None, None]
+    assert torch.equal(dynamic_normalise(x, percentile), torch.maximum(torch.minimum(x, q), -q) / q)

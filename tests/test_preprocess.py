@@ -116,3 +116,28 @@ def test_a_channel_empty_inside_the_brain_is_refused():
     data[1, 0, 0, 0] = 0  # channel 1 zero where channel 0 has brain
     with pytest.raises(InputError, match="channel 1"):
         prepare(data, 16)
+
+
+@pytest.mark.parametrize("where", ["inside", "leaving the volume", "scattered slices"])
+def test_model_slices_are_the_normalised_crop_resized(where):
+    """The model input, read straight from the volume into the slice-first layout, equals the
+    plain recipe: crop every slice to the box (padding outside), normalise, resize."""
+    from napari_whatishealthy.core.preprocess import _crop, _resize, normalise_with
+
+    rng = np.random.default_rng(3)
+    data = np.zeros((2, 40, 36, 12), np.float32)
+    data[:, 6:30, 8:28, 1:11] = rng.uniform(0, 500, (2, 24, 20, 10))
+    data[0, 10, 10, 5] = 1e12  # clipped to the normalised limit
+    if where == "leaving the volume":
+        data = np.ascontiguousarray(data[:, 4:, :30])  # the square box now leaves the volume
+    prepared = prepare(data, 16)
+    if where == "scattered slices":
+        prepared = prepared.restrict(prepared.slice_index[[0, 3, 4, 8]])
+    x0, y0, side, _ = prepared.box
+    if where == "leaving the volume":
+        assert x0 < 0 or y0 < 0 or x0 + side > data.shape[1] or y0 + side > data.shape[2]
+    index = prepared.slice_index
+    crop = _crop(data[..., index], x0, y0, side, 0.0)
+    brain = _crop(prepared.brain[None, ..., index], x0, y0, side, False)[0]
+    expected = _resize(normalise_with(crop, brain, prepared.scale).transpose(3, 0, 1, 2), 16)
+    np.testing.assert_array_equal(prepared.slices, expected)

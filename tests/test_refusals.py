@@ -187,9 +187,9 @@ def test_resume_from_a_bad_state_is_one_line(capsys, synthetic_cases, tmp_path, 
 def test_a_volume_larger_than_the_memory_is_refused_with_the_estimate(capsys, tiny_checkpoint,
                                                                      case_dirs, tmp_path,
                                                                      monkeypatch):
-    from napari_whatishealthy.core import pipeline
+    from napari_whatishealthy.core import memory
 
-    monkeypatch.setattr(pipeline, "available_memory", lambda: 2**20)
+    monkeypatch.setattr(memory, "available_memory", lambda: 2**20)
     code = cli.main(["localize", str(case_dirs[0]), "--out", str(tmp_path / "o"), "--model",
                      str(tiny_checkpoint), "--no-progress"])
     line = _one_line_error(capsys, code)

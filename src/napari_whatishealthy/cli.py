@@ -257,7 +257,7 @@ def _run_localize(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .core.cases import choose_for_case, collect_cases
-    from .core.pipeline import check_memory
+    from .core.memory import check_memory
     from .core.results import check_outputs, output_paths, write_outputs
     from .core.sharding import current_shard
     from .core.steps import drain

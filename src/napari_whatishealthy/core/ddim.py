@@ -26,13 +26,17 @@ def dynamic_normalise(x0: torch.Tensor, percentile: float = 99.0) -> torch.Tenso
     """The paper's rule on a batch ``[B, C, ...]``: q = percentile of |x0| per sample and channel,
     q = max(q, 1), clip to [-q, q], divide by q. Inputs already in [-1, 1] are unchanged."""
     flat = x0.float().abs().flatten(2)
-    # Linear-interpolated percentile (numpy's default) by sorting: torch.quantile refuses
-    # inputs of more than 2**24 elements, which big batches reach.
-    values = flat.sort(dim=2).values
-    pos = (percentile / 100.0) * (values.shape[2] - 1)
+    # Linear-interpolated percentile (numpy's default) from the two order statistics around it:
+    # torch.quantile refuses inputs of more than 2**24 elements, which big batches reach, and
+    # only the top ``n - lo`` values are needed, not a full sort (42 of 4096 at 64 px and the
+    # 99th percentile; same values, a fraction of the time).
+    n = flat.shape[2]
+    pos = (percentile / 100.0) * (n - 1)
     lo, frac = int(math.floor(pos)), pos - math.floor(pos)
-    hi = min(lo + 1, values.shape[2] - 1)
-    q = (values[..., lo] + frac * (values[..., hi] - values[..., lo])).clamp_min(1.0)
+    hi = min(lo + 1, n - 1)
+    top = flat.topk(n - lo, dim=2, largest=True, sorted=True).values  # descending
+    at_lo, at_hi = top[..., n - 1 - lo], top[..., n - 1 - hi]
+    q = (at_lo + frac * (at_hi - at_lo)).clamp_min(1.0)
     q = q.reshape(*q.shape, *([1] * (x0.dim() - 2)))
     return torch.maximum(torch.minimum(x0.float(), q), -q) / q
 

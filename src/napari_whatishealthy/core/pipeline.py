@@ -46,17 +46,21 @@ import torch
 
 from .anomaly import (
     difference_maps,
+    edge_guided,
     erode_mask,
-    guided_filter,
+    in_plane_box,
     make_mask,
     median_smooth,
     otsu_threshold,
 )
 from .counterfactual import iter_counterfactual, model_device
 from .device import resolve_device
+from .device_outputs import DeviceOutputs, Outputs, choose_outputs
 from .errors import InputError, WhatIsHealthyError
+from .memory import check_memory
 from .model import ModelSpec
 from .preprocess import PreparedVolume, normalise_with, prepare, to_slices
+from .preprocess import as_basic_slice as _as_slice
 from .provenance import make_provenance
 from .settings import THRESHOLD_CHOICES, LocalizeSettings, parse_threshold
 from .steps import Progress, drain
@@ -185,39 +189,6 @@ def threshold_region(
     return mask
 
 
-def peak_bytes(voxels: int, channels: int) -> int:
-    """Estimated peak memory of localizing a volume of ``voxels`` voxels per channel: the input,
-    healthy and per-channel difference maps (float32 per channel) plus the difference, brain,
-    mask and their napari-order copies. A 640^3 single-channel volume peaked at 10.1 GB, 38
-    bytes per voxel (issue 17); this gives 38."""
-    return int(voxels) * (12 * int(channels) + 26)
-
-
-def available_memory() -> int | None:
-    """Bytes the system can still give (MemAvailable); None where that is unknown."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def check_memory(voxels: int, channels: int, where: str = "") -> None:
-    """Refuse a volume whose estimated peak (:func:`peak_bytes`) exceeds the available memory,
-    before any work, with the estimate."""
-    need, have = peak_bytes(voxels, channels), available_memory()
-    if have is not None and need > have:
-        prefix = f"{where}: " if where else ""
-        raise InputError(
-            f"{prefix}localizing this volume ({voxels / 1e6:.0f} M voxels x {channels} channel(s)) "
-            f"needs about {need / 2**30:.1f} GiB of memory, {have / 2**30:.1f} GiB are available; "
-            "crop or resample it, or close other programs"
-        )
-
-
 def _check_finite_weights(network: Any, path: str | Path | None, what: str) -> None:
     """Refuse a network with NaN or infinite weights before it runs (its output would be NaN)."""
     parameters = getattr(network, "parameters", None)
@@ -334,11 +305,14 @@ def iter_localize(
     data = _check_data(data, spec)
     _check_finite_weights(model, model_path, "model")
     check_memory(int(np.prod(data.shape[1:])), data.shape[0])
+    started = time.time()
     if prepared is None:
         prepared = prepare(data, spec.image_size)
     else:
         _matching_prepared(prepared, data, spec)
     sub = _restrict(prepared, z_slices)
+    sub.slices  # noqa: B018 - made here (lazily) so that the preparing time says what it cost
+    seconds_preparing = time.time() - started
     guided_by = (classifier or settings.classifier) if settings.method == "classifier" else None
     _check_finite_weights(guided_by, classifier_path, "classifier")
     # The classifier is a network, not a setting: the result and its provenance keep none.
@@ -358,7 +332,7 @@ def iter_localize(
                                             settings.classifier_scale)
     return _run(
         inner, data, prepared, sub, settings, spec, device, z_slices,
-        model_path, model_hash, tuple(inputs), classifier_info,
+        model_path, model_hash, tuple(inputs), classifier_info, seconds_preparing,
     )
 
 
@@ -403,6 +377,7 @@ def _run(
     model_hash: str | None,
     inputs: tuple,
     classifier_info: dict[str, Any] | None = None,
+    seconds_preparing: float = 0.0,
 ) -> Generator[Progress, None, LocalizeResult]:
     started = time.time()
     if settings.seed is not None:
@@ -419,12 +394,10 @@ def _run(
     t_model = time.time() - started
     warnings = _warnings(prepared, sub)
     brain = prepared.brain
-    scored = _scored_region(brain, sub.slice_index, int(settings.edge_erosion))
-    post = _PostProcessing(int(settings.median_size), int(settings.edge_guide_radius))
-    difference, per_channel, healthy = _volume_outputs(data, prepared, sub, per_level[0],
-                                                       post, scored)
-    difference, uncertainty = _over_levels(difference, per_level, data, prepared, sub,
-                                           post, scored)
+    outputs = _outputs_for(data, prepared, sub, settings, device)
+    difference, per_channel, healthy = outputs(per_level[0])
+    difference, uncertainty = _over_levels(difference, per_level, outputs)
+    t_outputs = time.time() - started
     recommended = float(spec.inference.threshold)
     region = _processed_range(sub.slice_index)
     threshold_used = resolve_threshold(settings.threshold, difference[region], brain[region],
@@ -451,6 +424,7 @@ def _run(
             "brain_voxels": int(brain.sum()),
             "seconds": round(time.time() - started, 3),
             "seconds_model": round(t_model, 3),
+            "seconds_by_stage": _by_stage(seconds_preparing, started, t_model, t_outputs, outputs),
             "warnings": warnings,
             **({"classifier": classifier_info} if classifier_info is not None else {}),
         },
@@ -472,15 +446,39 @@ def _run(
     )
 
 
-def _over_levels(difference: np.ndarray, per_level: list[np.ndarray], data: np.ndarray,
-                 prepared: PreparedVolume, sub: PreparedVolume, post: _PostProcessing,
-                 scored: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+def _by_stage(preparing: float, started: float, network: float, outputs_done: float,
+              outputs: Outputs) -> dict[str, Any]:
+    """Seconds of each stage of a run (``started``: when the network started; ``network`` and
+    ``outputs_done``: seconds from then to the end of each), and where the outputs were made."""
+    now = time.time() - started
+    return {"preparing": round(preparing, 3), "network": round(network, 3),
+            "outputs": round(outputs_done - network, 3), "mask": round(now - outputs_done, 3),
+            "outputs_on": getattr(outputs, "where", "host")}
+
+
+def _outputs_for(data: np.ndarray, prepared: PreparedVolume, sub: PreparedVolume,
+                 settings: LocalizeSettings, device: torch.device) -> Outputs:
+    """How this run maps its counterfactuals back to the volume grid (see
+    :func:`.device_outputs.choose_outputs`): numpy on the host, or torch on a CUDA device."""
+    erosion, median = int(settings.edge_erosion), int(settings.median_size)
+    radius = int(settings.edge_guide_radius)
+
+    def host() -> Outputs:
+        scored = _scored_region(prepared.brain, sub.slice_index, erosion)
+        return lambda healthy_s: _volume_outputs(data, prepared, sub, healthy_s, median, scored,
+                                                 radius)
+
+    return choose_outputs(device, host, lambda: DeviceOutputs(data, prepared, sub, median,
+                                                              erosion, device, radius))
+
+
+def _over_levels(difference: np.ndarray, per_level: list[np.ndarray], outputs: Outputs
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(score, uncertainty): with several noise levels the mean of their maps is the score and
     their spread says where it is unsure (the healthy image shown is the first level's)."""
     if len(per_level) < 2:
         return difference, None
-    maps = [difference] + [_volume_outputs(data, prepared, sub, h, post, scored)[0]
-                           for h in per_level[1:]]
+    maps = [difference] + [outputs(h)[0] for h in per_level[1:]]
     stack = np.stack(maps)
     return stack.mean(axis=0, dtype=np.float32), stack.std(axis=0, dtype=np.float32)
 
@@ -524,27 +522,14 @@ def _processed_range(slice_index: np.ndarray) -> tuple[slice, slice, slice]:
     return (slice(None), slice(None), slice(int(slice_index.min()), int(slice_index.max()) + 1))
 
 
-@dataclass(frozen=True)
-class _PostProcessing:
-    """How the model-space difference becomes the map on the volume grid."""
-
-    median_size: int = 3
-    edge_guide_radius: int = 0
-
-
-# Guided filter's eps, in squared normalised units (the input is scaled to [-1, 1]): windows
-# whose image variance is well below it (flat tissue, noise) are averaged, real edges are kept.
-# 1e-2 and 1e-3 measured the same on the calibration cases (docs/benchmarks.md, issue 12).
-EDGE_GUIDE_EPS = 1e-2
-
-
 def _volume_outputs(
     data: np.ndarray,
     prepared: PreparedVolume,
     sub: PreparedVolume,
     healthy_s: np.ndarray,
-    post: _PostProcessing,
+    median_size: int,
     scored: np.ndarray | None = None,
+    edge_guide_radius: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(difference [X, Y, Z], per-channel difference [C, X, Y, Z], healthy [C, X, Y, Z]) on the
     volume grid. Only the processed slices are computed; the rest are 0 (differences) and the
@@ -564,20 +549,14 @@ def _volume_outputs(
     input_s = sub.slices
     _, per_s = difference_maps(input_s, healthy_s, channel_axis=1)
     per_idx = np.maximum(to_slices(sub, per_s, fill=0.0), 0.0)  # [C, X, Y, n]
-    if post.edge_guide_radius > 0:
-        # Each channel's map takes the edges of that channel's own full-resolution image
-        # (normalised as the model saw it), computed only over the brain's in-plane box plus
-        # the filter's reach (2 radius): the brain voxels, the only ones kept, come out exact.
-        box = _in_plane_box(brain_idx, 2 * post.edge_guide_radius + 1)
-        if box is not None:
-            guide = normalise_with(data[(slice(None), *box)][..., z], brain_idx[box],
-                                   prepared.scale)
-            per_idx[(slice(None), *box)] = np.maximum(guided_filter(
-                per_idx[(slice(None), *box)], guide, post.edge_guide_radius, EDGE_GUIDE_EPS,
-                slice_axis=-1, channel_axis=0), 0.0)
+    box = in_plane_box(brain_idx, 2 * edge_guide_radius + 1) if edge_guide_radius > 0 else None
+    if box is not None:  # each channel's map takes the edges of its own full-resolution image
+        guide = normalise_with(data[(slice(None), *box)][..., z], brain_idx[box], prepared.scale)
+        per_idx[(slice(None), *box)] = edge_guided(per_idx[(slice(None), *box)], guide,
+                                                   edge_guide_radius)
     raw = per_idx.mean(axis=0)  # = to_slices of the channel mean: the resize is linear
     # The median is in-plane; it runs before the background is zeroed, as the map is continuous.
-    smoothed = median_smooth(raw, post.median_size, slice_axis=-1)
+    smoothed = median_smooth(raw, median_size, slice_axis=-1)
     # Outside the brain there is only background; what the model-space resize bleeds there is
     # not an anomaly and would show as a halo in the difference layer.
     # ``scored``: the brain, or the brain less its edge (edge_erosion): the map is 0 outside it.
@@ -596,26 +575,6 @@ def _volume_outputs(
         np.maximum(changed, 0.0, out=changed)
     healthy[..., z] = changed
     return difference, per_channel, healthy
-
-
-def _in_plane_box(brain: np.ndarray, margin: int) -> tuple[slice, slice] | None:
-    """The (x, y) box of ``brain`` [X, Y, n] over all its slices, grown by ``margin`` (clipped);
-    None when there is no brain."""
-    from .anomaly import bounding_box
-
-    box = bounding_box(brain.any(axis=2))
-    if box is None:
-        return None
-    return tuple(slice(max(b.start - margin, 0), min(b.stop + margin, n))  # type: ignore[return-value]
-                 for b, n in zip(box, brain.shape[:2], strict=True))
-
-
-def _as_slice(index: np.ndarray) -> slice | np.ndarray:
-    """``index`` as a basic slice when it is a run of consecutive integers."""
-    if index.size and int(index[-1]) - int(index[0]) == index.size - 1 and (
-            index.size < 2 or bool(np.all(np.diff(index) == 1))):
-        return slice(int(index[0]), int(index[-1]) + 1)
-    return index
 
 
 def localize(

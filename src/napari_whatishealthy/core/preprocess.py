@@ -203,6 +203,15 @@ def prepare(data: np.ndarray, size: int, brain: np.ndarray | None = None) -> Pre
     )
 
 
+def as_basic_slice(index: np.ndarray) -> slice | np.ndarray:
+    """``index`` as a basic slice when it is a run of consecutive integers (numpy copies those
+    ~10x faster than through an index array along the last axis), else ``index`` itself."""
+    if index.size and int(index[-1]) - int(index[0]) == index.size - 1 and (
+            index.size < 2 or bool(np.all(np.diff(index) == 1))):
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
+
+
 def _model_slices(
     data: np.ndarray,
     brain: np.ndarray,
@@ -211,15 +220,25 @@ def _model_slices(
     index: np.ndarray,
     size: int,
 ) -> np.ndarray:
-    """The normalised ``[N, C, size, size]`` model input of axial slices ``index``."""
+    """The normalised ``[N, C, size, size]`` model input of axial slices ``index``: the crop box
+    of each slice, normalised as :func:`normalise_with` (background and outside the volume -1),
+    resized. Only the part of the box inside the volume is read, in one strided copy straight
+    into the network's slice-first layout (no copy of the slices first, no transpose after)."""
     if index.size == 0:
         return np.zeros((0, data.shape[0], size, size), dtype=np.float32)
     x0, y0, side, _ = box
-    # Only the cropped slices are normalised: the model never sees the rest.
-    crop_data = _crop(data[..., index], x0, y0, side, 0.0)  # [C, side, side, N]
-    crop_brain = _crop(brain[None, ..., index], x0, y0, side, False)[0]
-    cropped = normalise_with(crop_data, crop_brain, scales)
-    return _resize(cropped.transpose(3, 0, 1, 2), size).astype(np.float32, copy=False)
+    nx, ny = data.shape[1:3]
+    out = np.full((index.size, data.shape[0], side, side), BACKGROUND, dtype=np.float32)
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + side, nx), min(y0 + side, ny)
+    z = as_basic_slice(index)
+    window = data[:, sx0:sx1, sy0:sy1, z].transpose(3, 0, 1, 2)  # [N, C, w, h]
+    inside = brain[sx0:sx1, sy0:sy1, z].transpose(2, 0, 1)[:, None]  # [N, 1, w, h]
+    factor = (2.0 / np.asarray(scales, dtype=np.float64)).astype(np.float32)
+    with np.errstate(all="ignore"):  # the same float32 arithmetic as normalise_with
+        values = window.astype(np.float32) * factor.reshape(1, -1, 1, 1) - np.float32(1.0)
+        np.clip(values, -NORMALISED_LIMIT, NORMALISED_LIMIT, out=values)
+    np.copyto(out[:, :, sx0 - x0:sx1 - x0, sy0 - y0:sy1 - y0], values, where=inside)
+    return _resize(out, size).astype(np.float32, copy=False)
 
 
 def to_slices(prepared: PreparedVolume, slices: np.ndarray, fill: float = 0.0) -> np.ndarray:
