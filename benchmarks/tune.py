@@ -94,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         data["inference"].update(noise_level=best["noise"], guidance=best["guidance"], steps=best["steps"],
                                  inversion_refinements=args.refinements,
                                  threshold=round(float(best["best_threshold"]), 4))
-        data.setdefault("training", {})["tuning"] = {
+        training = data.setdefault("training", {})
+        previous = training.get("tuning")
+        training["tuning"] = {
             "calibration_data": str(args.data), "z_stride": args.z_stride, "rows": rows,
+            "command": "python benchmarks/tune.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            **({"previous": previous} if previous else {}),  # the record of every earlier tuning
         }
         write_json(json.loads(json.dumps(data, sort_keys=True)), path, overwrite=True)  # keys sorted
         print(f"wrote the recommended settings into {path}")
