@@ -252,6 +252,11 @@ def ablation(args: argparse.Namespace) -> list[tuple[str, float, float | None]]:
     rows: list[tuple[str, float, float | None]] = []
     for name, b, bf16, cl, inference in configs:
         rows.append((name, per_slice(model, b, bf16, cl, inference)[0], None))
+    from napari_whatishealthy.core.inference_network import inference_network
+
+    copy = inference_network(model, torch.bfloat16)  # what the pipeline calls (same outputs)
+    rows.append(("+ inference copy (one-token cross-attention, weights in bf16)",
+                 per_slice(copy, batch, True, True, True)[0], None))
     if args.with_compile:
         compiled = torch.compile(model, dynamic=False)
         ms, first = per_slice(compiled, batch, True, True, True)

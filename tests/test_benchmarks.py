@@ -55,7 +55,8 @@ def test_speed_ablation_tiny_lists_each_measure():
     rows = _table_rows(out)
     assert rows[0][0].startswith("reference code: float32, 32 slices") and rows[0][2] == "1.00x"
     assert rows[1][0].startswith("naive loop")
-    assert any("channels-last" in r[0] for r in rows) and len(rows) == 6
+    assert any("channels-last" in r[0] for r in rows) and len(rows) == 7
+    assert rows[-1][0].startswith("+ inference copy")
     assert all(float(r[1]) > 0 for r in rows)
 
 
@@ -155,3 +156,17 @@ def test_review_tiny_prints_the_table_with_its_reference():
     assert "threshold update incl. redraw (median)" in rows
     assert rows["threshold update (median of moves)"][1] == "30"  # the target is printed
     assert all(float(values[0]) > 0 for values in rows.values())
+
+
+def test_speed_measures_tiny_compares_each_measure_with_identical_outputs():
+    out = _run(BENCHMARKS / "speed_measures.py", "--tiny", "--rounds", "1")
+    rows = _table_rows(out)
+    names = [r[0] for r in rows]
+    assert names.count("network forward: model -> inference copy") == 4
+    assert any(n.startswith("counterfactual: model + sort") for n in names)
+    assert any(n.startswith("model-space slices") for n in names)
+    assert any(n.startswith("volume outputs on the CPU") for n in names)
+    for row in rows:
+        assert float(row[2]) >= 0 and float(row[3]) >= 0 and row[4].endswith("x")
+        # Every measure but the torch outputs path is exact; that one is within float rounding.
+        assert float(row[5]) <= (1e-4 if row[0].startswith("volume outputs") else 0.0), row
