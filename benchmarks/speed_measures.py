@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     from napari_whatishealthy.core.pipeline import LocalizeSettings, localize, prepare_input
     from napari_whatishealthy.core.preprocess import _model_slices
 
+    from napari_whatishealthy.core.runtime import tune_allocator
+
+    tune_allocator()  # as the CLI and speed.py: without it, page faults move every timing
     torch.set_num_threads(args.threads)
     model, spec, description = gpu_check.load_model()
     data = gpu_check.load_volume()
