@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-# The CLI's OpenMP wait policy (set before torch loads), as speed.py does for every row.
+# The CLI's OpenMP wait policy, set before torch loads, as speed.py does for every row.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
@@ -121,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     from napari_whatishealthy.core.inference_network import inference_network
     from napari_whatishealthy.core.pipeline import LocalizeSettings, localize, prepare_input
     from napari_whatishealthy.core.preprocess import _model_slices
-
     from napari_whatishealthy.core.runtime import tune_allocator
 
     tune_allocator()  # as the CLI and speed.py: without it, page faults move every timing

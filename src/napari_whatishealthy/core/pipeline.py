@@ -451,7 +451,9 @@ def _by_stage(preparing: float, started: float, network: float, outputs_done: fl
 def _outputs_for(data: np.ndarray, prepared: PreparedVolume, sub: PreparedVolume,
                  settings: LocalizeSettings, device: torch.device) -> Outputs:
     """How this run maps its counterfactuals back to the volume grid (see
-    :func:`.device_outputs.choose_outputs`): numpy on the host, or torch on a CUDA device."""
+    :func:`.device_outputs.choose_outputs`): numpy on the host, or torch on a CUDA device. The
+    device path does what ``_volume_outputs`` does (median, erosion): a new option there must be
+    ported to it, or choose the host path when the option is on (tests/test_device_outputs.py)."""
     erosion, median = int(settings.edge_erosion), int(settings.median_size)
 
     def host() -> Outputs:
