@@ -187,13 +187,19 @@ def _check_finite_weights(network: Any, path: str | Path | None, what: str) -> N
     if parameters is None:
         return
     with torch.no_grad():
-        for name, tensor in getattr(network, "named_parameters", lambda: [])():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                where = f" {path}" if path else ""
-                raise WhatIsHealthyError(
-                    f"the {what}{where} has NaN or infinite weights (in {name}); it cannot give a "
-                    "result: use another checkpoint"
-                )
+        named = [(n, t) for n, t in getattr(network, "named_parameters", lambda: [])()
+                 if t.is_floating_point()]
+        # One wait for all of them: on a GPU each bool() waits for the device.
+        first = named[0][1].device if named else None
+        if not named or bool(torch.stack([torch.isfinite(t).all().to(first)
+                                          for _, t in named]).all()):
+            return
+        name = next(n for n, t in named if not bool(torch.isfinite(t).all()))
+        where = f" {path}" if path else ""
+        raise WhatIsHealthyError(
+            f"the {what}{where} has NaN or infinite weights (in {name}); it cannot give a "
+            "result: use another checkpoint"
+        )
 
 
 def _check_finite_result(healthy_s: np.ndarray, settings: LocalizeSettings) -> None:
