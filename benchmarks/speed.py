@@ -169,6 +169,16 @@ def worker(args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         localize(model, spec, data, settings, z_slices=[centre], prepared=prepared)
         preview_cached = time.perf_counter() - started
+        if args.preview_only:  # a few more, for a median (stopping early if they are slow)
+            times = [preview_cached]
+            while len(times) < 5 and max(times) < 5.0:
+                started = time.perf_counter()
+                localize(model, spec, data, settings, z_slices=[centre], prepared=prepared)
+                times.append(time.perf_counter() - started)
+            result.update(preview_cached_s=float(np.median(times)), previews=len(times),
+                          omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"))
+            result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+            return result
         started = time.perf_counter()
         full = localize(model, spec, data, settings)
         volume_s = time.perf_counter() - started
@@ -252,6 +262,11 @@ def ablation(args: argparse.Namespace) -> list[tuple[str, float, float | None]]:
     rows: list[tuple[str, float, float | None]] = []
     for name, b, bf16, cl, inference in configs:
         rows.append((name, per_slice(model, b, bf16, cl, inference)[0], None))
+    from napari_whatishealthy.core.inference_network import inference_network
+
+    copy = inference_network(model, torch.bfloat16)  # what the pipeline calls (same outputs)
+    rows.append(("+ inference copy (one-token cross-attention, weights in bf16)",
+                 per_slice(copy, batch, True, True, True)[0], None))
     if args.with_compile:
         compiled = torch.compile(model, dynamic=False)
         ms, first = per_slice(compiled, batch, True, True, True)
@@ -259,7 +274,7 @@ def ablation(args: argparse.Namespace) -> list[tuple[str, float, float | None]]:
     return rows
 
 
-def _spawn(args: argparse.Namespace, role: str, extra: list[str]) -> dict:
+def _spawn(args: argparse.Namespace, role: str, extra: list[str], cli_policy: bool = True) -> dict:
     cmd = [sys.executable, __file__, "--worker", role, "--model", args.model] + extra
     if args.tiny:
         cmd.append("--tiny")
@@ -273,7 +288,8 @@ def _spawn(args: argparse.Namespace, role: str, extra: list[str]) -> dict:
     # not of the method): the references are not slowed by spinning threads on shared cores.
     from napari_whatishealthy.core.runtime import prefer_passive_omp_wait
 
-    prefer_passive_omp_wait(env)
+    if cli_policy:  # else the environment as it is: what napari's process (the widget) gets
+        prefer_passive_omp_wait(env)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
@@ -300,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-batch", type=int, default=REFERENCE_CODE_BATCH, help=argparse.SUPPRESS)
     parser.add_argument("--compare-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--compare-slices", type=int, default=4, help=argparse.SUPPRESS)
+    parser.add_argument("--preview-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
@@ -336,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                    + (["--reference-slices", str(n_naive)] if n_naive else [])),
             _spawn(args, "pipeline", ["--compare-out", compare]),
         ))
+    # The widget runs in napari's process, which keeps the environment's OpenMP policy (the CLI
+    # sets PASSIVE): its previews are timed that way too (docs/benchmarks.md, Threads).
+    widget = _spawn(args, "pipeline", ["--preview-only"], cli_policy=False)
     ratios = [r["volume_s"] / o["volume_s"] for r, _, o in rounds]
     # The round with the median speedup stands for the run (its rows are shown); all ratios printed.
     ref, naive, ours = rounds[int(np.argsort(ratios)[(len(ratios) - 1) // 2])]
@@ -375,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
              else "all slices timed"))
     print(f"one-slice preview with the volume already prepared (the widget's later previews): "
           f"{ours['preview_cached_s']:.3f} s")
+    print(f"the same with the widget's OpenMP policy (napari's process: OMP_WAIT_POLICY="
+          f"{widget['omp_wait_policy']}): {widget['preview_cached_s']:.3f} s (median of "
+          f"{widget['previews']}; load average at the end {os.getloadavg()[0]:.1f})")
     print(f"threshold slider (remask of the whole volume, napari order, components filtered): "
           f"{ours['remask_ms']:.1f} ms median, {ours['remask_max_ms']:.1f} ms worst of 20 thresholds")
     print(f"outputs agree: {'yes' if agree else 'NO'} (batch-32 reference against the pipeline, healthy "

@@ -48,6 +48,8 @@ def test_speed_tiny_compares_against_the_reference():
     assert "75+75 steps" in out
     assert "outputs agree: yes" in out
     assert re.search(r"threshold slider .*: [\d.]+ ms median", out)
+    assert re.search(r"the widget's OpenMP policy \(napari's process: OMP_WAIT_POLICY=\w+\): "
+                     r"[\d.]+ s \(median of \d; load average", out)
     assert re.fullmatch(r"speedup_vs_reference \d+\.\d\d", out.strip().splitlines()[-1])
 
 
@@ -56,7 +58,8 @@ def test_speed_ablation_tiny_lists_each_measure():
     rows = _table_rows(out)
     assert rows[0][0].startswith("reference code: float32, 32 slices") and rows[0][2] == "1.00x"
     assert rows[1][0].startswith("naive loop")
-    assert any("channels-last" in r[0] for r in rows) and len(rows) == 6
+    assert any("channels-last" in r[0] for r in rows) and len(rows) == 7
+    assert rows[-1][0].startswith("+ inference copy")
     assert all(float(r[1]) > 0 for r in rows)
 
 
@@ -179,3 +182,17 @@ def test_independent_cases_then_score_options_beside_the_flair_baseline(tiny_che
     assert {r[1].split(" ")[0] for r in rows} == {"all", "typical", "subtle"}
     assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)  # AUPRC
     assert "best-Dice thresholds on these cases" in out
+
+
+def test_speed_measures_tiny_compares_each_measure_with_identical_outputs():
+    out = _run(BENCHMARKS / "speed_measures.py", "--tiny", "--rounds", "1")
+    rows = _table_rows(out)
+    names = [r[0] for r in rows]
+    assert names.count("network forward: model -> inference copy") == 4
+    assert any(n.startswith("counterfactual: model + sort") for n in names)
+    assert any(n.startswith("model-space slices") for n in names)
+    assert any(n.startswith("volume outputs on the CPU") for n in names)
+    for row in rows:
+        assert float(row[2]) >= 0 and float(row[3]) >= 0 and row[4].endswith("x")
+        # Every measure but the torch outputs path is exact; that one is within float rounding.
+        assert float(row[5]) <= (1e-4 if row[0].startswith("volume outputs") else 0.0), row

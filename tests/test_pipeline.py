@@ -470,8 +470,7 @@ def test_edge_erosion_zeroes_the_brain_edge_and_nothing_else(tiny_checkpoint, ca
 
 
 def test_edge_guide_radius_puts_the_map_on_the_images_edges(tiny_checkpoint, case_dirs):
-    from napari_whatishealthy.core.anomaly import guided_filter
-    from napari_whatishealthy.core.anomaly import EDGE_GUIDE_EPS
+    from napari_whatishealthy.core.anomaly import EDGE_GUIDE_EPS, guided_filter
     from napari_whatishealthy.core.preprocess import normalise_with
 
     model, spec, _ = load_model_cached(tiny_checkpoint, "cpu")

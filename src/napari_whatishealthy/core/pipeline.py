@@ -195,13 +195,19 @@ def _check_finite_weights(network: Any, path: str | Path | None, what: str) -> N
     if parameters is None:
         return
     with torch.no_grad():
-        for name, tensor in getattr(network, "named_parameters", lambda: [])():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                where = f" {path}" if path else ""
-                raise WhatIsHealthyError(
-                    f"the {what}{where} has NaN or infinite weights (in {name}); it cannot give a "
-                    "result: use another checkpoint"
-                )
+        named = [(n, t) for n, t in getattr(network, "named_parameters", lambda: [])()
+                 if t.is_floating_point()]
+        # One wait for all of them: on a GPU each bool() waits for the device.
+        first = named[0][1].device if named else None
+        if not named or bool(torch.stack([torch.isfinite(t).all().to(first)
+                                          for _, t in named]).all()):
+            return
+        name = next(n for n, t in named if not bool(torch.isfinite(t).all()))
+        where = f" {path}" if path else ""
+        raise WhatIsHealthyError(
+            f"the {what}{where} has NaN or infinite weights (in {name}); it cannot give a "
+            "result: use another checkpoint"
+        )
 
 
 def _check_finite_result(healthy_s: np.ndarray, settings: LocalizeSettings) -> None:
@@ -459,7 +465,9 @@ def _by_stage(preparing: float, started: float, network: float, outputs_done: fl
 def _outputs_for(data: np.ndarray, prepared: PreparedVolume, sub: PreparedVolume,
                  settings: LocalizeSettings, device: torch.device) -> Outputs:
     """How this run maps its counterfactuals back to the volume grid (see
-    :func:`.device_outputs.choose_outputs`): numpy on the host, or torch on a CUDA device."""
+    :func:`.device_outputs.choose_outputs`): numpy on the host, or torch on a CUDA device. The
+    device path does what ``_volume_outputs`` does (guided upsampling, median, erosion): a new option
+    there must be ported to it, or use the host path when on (tests/test_device_outputs.py)."""
     erosion, median = int(settings.edge_erosion), int(settings.median_size)
     radius = int(settings.edge_guide_radius)
 
