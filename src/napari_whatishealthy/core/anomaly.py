@@ -119,7 +119,9 @@ def edge_guided(per_channel: np.ndarray, guide: np.ndarray, radius: int,
     """Edge-aware upsampling of per-channel difference maps ``[C, X, Y, n]``: each channel
     refitted (:func:`guided_filter`, in-plane) to its own full-resolution ``guide`` channel
     (the normalised image), clipped at 0 as a difference is."""
-    out = guided_filter(per_channel, guide, radius, eps, slice_axis=-1, channel_axis=0)
+    out = np.empty(per_channel.shape, dtype=np.float32)
+    for c in range(per_channel.shape[0]):  # one channel at a time: a quarter of the temporaries
+        out[c] = guided_filter(per_channel[c], guide[c], radius, eps, slice_axis=-1)
     return np.maximum(out, 0.0, out=out)
 
 
