@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     options = ["default", "erode 2", "erode 4", "model median 5", "full resolution",
                "hysteresis 0.5", "guided r2 e-2", "guided r4 e-2", "guided r4 e-3",
                "guided r8 e-2"] + [k for k in configs if k != dflt]
-    options += [f"{k}, guided r{r}" for k in configs if k != dflt for r in (4, 8)]
+    options += [f"{k}, guided r{r}" for k in configs if k != dflt for r in (4, 8, 12)]
+    options += ["guided r12 e-2"]
     if args.z_stride == 1:  # neighbouring slices present: smoothing across slices can be scored
         options += ["guided, 2D median (as the pipeline)", "guided, 3D median",
                     "guided, 3-slice mean"]
@@ -285,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             maps["guided, 3-slice mean"] = mean3 * eroded
         eroded4 = erode_mask(brain, 4)[..., z]
         for name, r, e in (("guided r2 e-2", 2, 1e-2), ("guided r4 e-2", 4, 1e-2),
-                           ("guided r4 e-3", 4, 1e-3), ("guided r8 e-2", 8, 1e-2)):
+                           ("guided r4 e-3", 4, 1e-3), ("guided r8 e-2", 8, 1e-2),
+                           ("guided r12 e-2", 12, 1e-2)):
             t0 = time.time()
             maps[name] = _guided(sub, prepared, input_s, healthy[dflt], brain_idx, radius=r,
                                  eps=e) * eroded4
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             if key != dflt:
                 maps[key] = m
                 cost[key] += time.time() - t0
-                for r in (4, 8):
+                for r in (4, 8, 12):
                     maps[f"{key}, guided r{r}"] = _guided(sub, prepared, input_s, healthy[key],
                                                           brain_idx, radius=r, eps=1e-2) * eroded4
             if key.startswith("L=") and " w=" not in key:

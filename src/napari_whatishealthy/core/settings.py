@@ -77,6 +77,14 @@ def parse_threshold(value: float | str | None) -> float | str | None:
     return number
 
 
+def _check_int(name: str, value: Any, low: int, high: int | None, note: str = "") -> None:
+    """Refuse ``value`` unless it is an integer in ``[low, high]`` (``high`` None: ``>= low``)."""
+    if is_integer(value) and low <= value and (high is None or value <= high):
+        return
+    bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+    raise WhatIsHealthyError(f"{name} must be an integer {bounds}{note}, got {value!r}")
+
+
 def _number_in(value: Any, low: float, high: float) -> bool:
     try:
         number = float(value)
@@ -197,39 +205,17 @@ class LocalizeSettings(InferenceDefaults):
         for level in levels:
             check_noise_and_steps(level, self.steps)
         parse_threshold(self.threshold)
-        if not is_integer(self.median_size) or not 1 <= self.median_size <= MAX_MEDIAN_SIZE:
-            raise WhatIsHealthyError(
-                f"median_size must be an integer in [1, {MAX_MEDIAN_SIZE}] (1: no smoothing), "
-                f"got {self.median_size!r}"
-            )
-        if not is_integer(self.min_component_voxels) or self.min_component_voxels < 0:
-            raise WhatIsHealthyError(
-                f"min_component_voxels must be an integer >= 0, got {self.min_component_voxels!r}"
-            )
-        if not is_integer(self.edge_erosion) or not 0 <= self.edge_erosion <= MAX_EDGE_EROSION:
-            raise WhatIsHealthyError(
-                f"edge_erosion must be an integer in [0, {MAX_EDGE_EROSION}] (voxels), got "
-                f"{self.edge_erosion!r}"
-            )
-        if (not is_integer(self.edge_guide_radius)
-                or not 0 <= self.edge_guide_radius <= MAX_EDGE_GUIDE_RADIUS):
-            raise WhatIsHealthyError(
-                f"edge_guide_radius must be an integer in [0, {MAX_EDGE_GUIDE_RADIUS}] (voxels; 0: "
-                f"plain upsampling), got {self.edge_guide_radius!r}"
-            )
+        _check_int("median_size", self.median_size, 1, MAX_MEDIAN_SIZE, " (1: no smoothing)")
+        _check_int("min_component_voxels", self.min_component_voxels, 0, None)
+        _check_int("edge_erosion", self.edge_erosion, 0, MAX_EDGE_EROSION, " (voxels)")
+        _check_int("edge_guide_radius", self.edge_guide_radius, 0, MAX_EDGE_GUIDE_RADIUS,
+                   " (voxels; 0: plain upsampling)")
         check_seed(self.seed)
-        if self.batch_size is not None and (not is_integer(self.batch_size)
-                                            or not 1 <= self.batch_size <= MAX_BATCH_SIZE):
-            raise WhatIsHealthyError(
-                f"batch_size must be an integer in [1, {MAX_BATCH_SIZE}] (or None: the device's "
-                f"default), got {self.batch_size!r}"
-            )
-        if (not is_integer(self.inversion_refinements)
-                or not 0 <= self.inversion_refinements <= MAX_INVERSION_REFINEMENTS):
-            raise WhatIsHealthyError(
-                f"inversion_refinements must be an integer in [0, {MAX_INVERSION_REFINEMENTS}], "
-                f"got {self.inversion_refinements!r}"
-            )
+        if self.batch_size is not None:
+            _check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE,
+                       " (or None: the device's default)")
+        _check_int("inversion_refinements", self.inversion_refinements, 0,
+                   MAX_INVERSION_REFINEMENTS)
         if self.amp not in ("auto", "bf16", "fp16", True, False):
             raise WhatIsHealthyError(
                 f"amp must be auto, bf16, fp16, True or False, got {self.amp!r}"
