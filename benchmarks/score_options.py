@@ -89,27 +89,16 @@ def _map(sub, prepared, input_s, healthy_s, brain_idx, *, median=3, model_median
 
 
 def _guided(sub, prepared, input_s, healthy_s, brain_idx, *, radius: int, eps: float,
-            guide_channel: int | None = None, median: int = 3) -> np.ndarray:
-    """Edge-aware upsampling: each channel's |input - counterfactual|, upsampled, then a guided
-    filter (He et al. 2010) per slice with that channel's full-resolution input as the guide."""
-    from napari_whatishealthy.core.anomaly import median_smooth
+            median: int = 3) -> np.ndarray:
+    """Edge-aware upsampling as the pipeline does it (``core.anomaly.edge_guided``): each
+    channel's upsampled |input - counterfactual| refitted to that channel's full-resolution
+    image, then the channel mean, median filtered, inside the brain."""
+    from napari_whatishealthy.core.anomaly import edge_guided, median_smooth
     from napari_whatishealthy.core.preprocess import to_slices
 
     per = to_slices(sub, np.abs(input_s - healthy_s), fill=0.0)  # [C, X, Y, n]
     guide = prepared.normalised[..., sub.slice_index].astype(np.float32)  # [C, X, Y, n]
-    size = (2 * radius + 1, 2 * radius + 1, 1)
-    box = lambda a: ndimage.uniform_filter(a, size=size, mode="reflect")  # noqa: E731
-    out = []
-    for c in range(per.shape[0]):
-        g = guide[c if guide_channel is None else guide_channel]
-        p = per[c]
-        mg, mp = box(g), box(p)
-        var = box(g * g) - mg * mg
-        cov = box(g * p) - mg * mp
-        a = cov / (var + eps)
-        b = mp - a * mg
-        out.append(np.maximum(box(a) * g + box(b), 0.0))  # per channel, as the pipeline does
-    raw = np.mean(out, axis=0)
+    raw = edge_guided(per, guide, radius, eps).mean(axis=0)
     return median_smooth(raw, median, slice_axis=-1) * brain_idx
 
 
