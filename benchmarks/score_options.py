@@ -4,7 +4,10 @@ The counterfactual of every k-th brain slice of each case is computed once per n
 (and once with the reference's dynamic normalisation during inversion), cached in model space,
 and every option below is scored from those same counterfactuals, on the same voxels:
 
-- ``default``: today's map: |input - counterfactual| at 64 px, upsampled, 3x3 median per slice;
+- ``default``: the plain map: the difference at 64 px, upsampled, 3x3 median per slice. Every
+  option reads the difference as the model's spec says (``lesion_contrast``: |input -
+  counterfactual|, or only each modality's lesion change);
+- ``lesion contrast any`` / ``expected``: the spec's guided map with the other reading;
 - ``erode N``: scores only inside the brain mask eroded by N voxels (edge treatment);
 - ``model median 5``: the peers' 5x5 median at model resolution instead of 3x3 at full resolution;
 - ``full resolution``: |input - upsampled counterfactual| at full resolution (lesion edges);
@@ -13,7 +16,9 @@ and every option below is scored from those same counterfactuals, on the same vo
   modality's upsampled difference refitted to its full-resolution image by a guided filter of
   radius R and eps 10^-E, then eroded by 4 as the default;
 - ``w=...``: another guidance scale (``--guidance-values``, with every noise level), scored
-  plainly and with the guided upsampling (``..., guided r4`` / ``r8``);
+  plainly and with the guided upsampling (``..., guided r4`` / ``r8`` / ``r12``);
+- ``steps=...``: another number of DDIM steps (``--steps-values``), at the default noise level
+  and guidance, scored the same ways (fewer steps: fewer network calls, issue 16);
 - with ``--z-stride 1`` only (neighbouring slices present): the guided map with the 2D median
   the pipeline uses, a 3D median, or a mean over 3 slices (3D-consistent smoothing);
 - ``L=...``: another noise level; ``inversion normalisation``: the reference's inversion;
@@ -39,6 +44,7 @@ import hashlib
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -70,17 +76,18 @@ def _counterfactuals(model, spec, prepared, sub, configs, cache: Path | None, ca
 
 
 def _map(sub, prepared, input_s, healthy_s, brain_idx, *, median=3, model_median=0,
-         full_resolution=False) -> np.ndarray:
-    """The anomaly map on the processed slices, [X, Y, n]."""
-    from napari_whatishealthy.core.anomaly import median_smooth
+         full_resolution=False, signs=None) -> np.ndarray:
+    """The anomaly map on the processed slices, [X, Y, n]; ``signs``: each channel's lesion
+    contrast (``core.anomaly.contrast_signs``; None: |input - counterfactual|)."""
+    from napari_whatishealthy.core.anomaly import difference_maps, median_smooth
     from napari_whatishealthy.core.preprocess import to_slices
 
     if full_resolution:
         norm = prepared.normalised[..., sub.slice_index]  # [C, X, Y, n]
         up = to_slices(sub, healthy_s, fill=-1.0)
-        raw = np.abs(norm - up).mean(axis=0)
+        raw = difference_maps(norm, up, 0, signs)[0]
     else:
-        per = np.abs(input_s - healthy_s).mean(axis=1)  # [n, S, S]
+        per = difference_maps(input_s, healthy_s, 1, signs)[0]  # [n, S, S]
         if model_median > 1:
             per = ndimage.median_filter(per, size=(1, model_median, model_median))
         raw = to_slices(sub, per[:, None], fill=0.0)[0]
@@ -89,14 +96,14 @@ def _map(sub, prepared, input_s, healthy_s, brain_idx, *, median=3, model_median
 
 
 def _guided(sub, prepared, input_s, healthy_s, brain_idx, *, radius: int, eps: float,
-            median: int = 3) -> np.ndarray:
+            median: int = 3, signs=None) -> np.ndarray:
     """Edge-aware upsampling as the pipeline does it (``core.anomaly.edge_guided``): each
-    channel's upsampled |input - counterfactual| refitted to that channel's full-resolution
-    image, then the channel mean, median filtered, inside the brain."""
-    from napari_whatishealthy.core.anomaly import edge_guided, median_smooth
+    channel's upsampled difference (``signs``: as ``_map``) refitted to that channel's
+    full-resolution image, then the channel mean, median filtered, inside the brain."""
+    from napari_whatishealthy.core.anomaly import difference_maps, edge_guided, median_smooth
     from napari_whatishealthy.core.preprocess import to_slices
 
-    per = to_slices(sub, np.abs(input_s - healthy_s), fill=0.0)  # [C, X, Y, n]
+    per = to_slices(sub, difference_maps(input_s, healthy_s, 1, signs)[1], fill=0.0)  # [C, X, Y, n]
     guide = prepared.normalised[..., sub.slice_index].astype(np.float32)  # [C, X, Y, n]
     raw = edge_guided(per, guide, radius, eps).mean(axis=0)
     return median_smooth(raw, median, slice_axis=-1) * brain_idx
@@ -173,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-inversion-normalisation", action="store_true")
     p.add_argument("--guidance-values", default="",
                    help="other guidance scales to try (each with every noise level)")
+    p.add_argument("--steps-values", default="",
+                   help="other DDIM step counts to try, at the default noise level and guidance "
+                        "(fewer steps: fewer network calls per slice)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--label", default="", help="a prefix for every printed line")
     p.add_argument("--seconds", type=float, default=None,
@@ -182,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from napari_whatishealthy.core.anomaly import erode_mask, make_mask, median_smooth
+    from napari_whatishealthy.core.anomaly import (
+        contrast_signs,
+        erode_mask,
+        make_mask,
+        median_smooth,
+    )
     from napari_whatishealthy.core.metrics import auprc, auroc, rank_scores, threshold_sweep
     from napari_whatishealthy.core.pipeline import prepare_input
     from napari_whatishealthy.core.preprocess import normalise
@@ -201,9 +216,19 @@ def main(argv: list[str] | None = None) -> int:
         for lv in levels:
             if lv != default_level:
                 configs[f"L={lv:g} w={w:g}"] = {"noise_level": lv, "guidance": w}
+    for k in (int(v) for v in args.steps_values.split(",") if v):
+        configs[f"steps={k}"] = {"noise_level": default_level, "steps": k}
     if not args.no_inversion_normalisation:
         configs["inversion normalisation"] = {"noise_level": default_level,
                                               "inversion_normalisation": True}
+    # Every option reads the differences as the model's spec says (lesion_contrast); one more
+    # option reads them the other way, to compare the two in the same run.
+    contrast = str(spec.inference.lesion_contrast)
+    other_contrast = "any" if contrast != "any" else "expected"
+    signs = contrast_signs(spec.modalities, contrast)
+    other_signs = contrast_signs(spec.modalities, other_contrast)
+    map_, guided = partial(_map, signs=signs), partial(_guided, signs=signs)
+    spec_radius = int(spec.inference.edge_guide_radius) or 8
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     min_voxels = int(spec.inference.min_component_voxels)
@@ -213,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                "hysteresis 0.5", "guided r2 e-2", "guided r4 e-2", "guided r4 e-3",
                "guided r8 e-2"] + [k for k in configs if k != dflt]
     options += [f"{k}, guided r{r}" for k in configs if k != dflt for r in (4, 8, 12)]
-    options += ["guided r12 e-2"]
+    options += ["guided r12 e-2", f"lesion contrast {other_contrast}, guided r{spec_radius}"]
     if args.z_stride == 1:  # neighbouring slices present: smoothing across slices can be scored
         options += ["guided, 2D median (as the pipeline)", "guided, 3D median",
                     "guided, 3-slice mean"]
@@ -244,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         brain_idx = brain[..., z]
         maps: dict[str, np.ndarray] = {}
         t0 = time.time()
-        maps["default"] = _map(sub, prepared, input_s, healthy[dflt], brain_idx)
+        maps["default"] = map_(sub, prepared, input_s, healthy[dflt], brain_idx)
         cost["default"] += time.time() - t0
         for e in (2, 4):
             t0 = time.time()
@@ -252,11 +277,11 @@ def main(argv: list[str] | None = None) -> int:
             maps[f"erode {e}"] = maps["default"] * eroded
             cost[f"erode {e}"] += time.time() - t0
         t0 = time.time()
-        maps["model median 5"] = _map(sub, prepared, input_s, healthy[dflt], brain_idx, median=1,
+        maps["model median 5"] = map_(sub, prepared, input_s, healthy[dflt], brain_idx, median=1,
                                       model_median=5)
         cost["model median 5"] += time.time() - t0
         t0 = time.time()
-        maps["full resolution"] = _map(sub, prepared, input_s, healthy[dflt], brain_idx,
+        maps["full resolution"] = map_(sub, prepared, input_s, healthy[dflt], brain_idx,
                                        full_resolution=True)
         cost["full resolution"] += time.time() - t0
         maps["hysteresis 0.5"] = maps["default"]
@@ -265,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             # slice-to-slice jitter could be averaged out across neighbouring slices.
             t0 = time.time()
             radius = int(spec.inference.edge_guide_radius) or 8
-            raw = _guided(sub, prepared, input_s, healthy[dflt], brain_idx, radius=radius,
+            raw = guided(sub, prepared, input_s, healthy[dflt], brain_idx, radius=radius,
                           eps=1e-2, median=1)
             eroded = brain_idx * erode_mask(brain, 4)[..., z]
             maps["guided, 2D median (as the pipeline)"] = median_smooth(raw, 3, slice_axis=-1) * eroded
@@ -278,19 +303,24 @@ def main(argv: list[str] | None = None) -> int:
                            ("guided r4 e-3", 4, 1e-3), ("guided r8 e-2", 8, 1e-2),
                            ("guided r12 e-2", 12, 1e-2)):
             t0 = time.time()
-            maps[name] = _guided(sub, prepared, input_s, healthy[dflt], brain_idx, radius=r,
+            maps[name] = guided(sub, prepared, input_s, healthy[dflt], brain_idx, radius=r,
                                  eps=e) * eroded4
             cost[name] += time.time() - t0
+        t0 = time.time()
+        maps[f"lesion contrast {other_contrast}, guided r{spec_radius}"] = _guided(
+            sub, prepared, input_s, healthy[dflt], brain_idx, radius=spec_radius, eps=1e-2,
+            signs=other_signs) * eroded4
+        cost[f"lesion contrast {other_contrast}, guided r{spec_radius}"] += time.time() - t0
         level_maps = []
         for key in configs:
             t0 = time.time()
-            m = maps["default"] if key == dflt else _map(sub, prepared, input_s, healthy[key],
+            m = maps["default"] if key == dflt else map_(sub, prepared, input_s, healthy[key],
                                                          brain_idx)
             if key != dflt:
                 maps[key] = m
                 cost[key] += time.time() - t0
                 for r in (4, 8, 12):
-                    maps[f"{key}, guided r{r}"] = _guided(sub, prepared, input_s, healthy[key],
+                    maps[f"{key}, guided r{r}"] = guided(sub, prepared, input_s, healthy[key],
                                                           brain_idx, radius=r, eps=1e-2) * eroded4
             if key.startswith("L=") and " w=" not in key:
                 level_maps.append(m)

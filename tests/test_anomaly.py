@@ -10,6 +10,7 @@ from hypothesis.extra import numpy as hnp
 from scipy import ndimage
 
 from napari_whatishealthy.core.anomaly import (
+    contrast_signs,
     difference_maps,
     healthy_percentile_threshold,
     make_mask,
@@ -35,6 +36,30 @@ def test_difference_maps_known_values() -> None:
     np.testing.assert_array_equal(mean_last, mean)
     with pytest.raises(WhatIsHealthyError):
         difference_maps(original, healthy[:1], 0)
+
+
+def test_lesion_contrast_counts_only_the_change_a_lesion_makes_in_each_modality() -> None:
+    modalities = ("flair", "t1", "t1ce", "t2")
+    signs = contrast_signs(modalities, "expected")
+    np.testing.assert_array_equal(signs, [1, -1, 0, 1])  # FLAIR, T2 brighter; T1 darker
+    assert not contrast_signs(modalities, "any").any()
+    assert contrast_signs(("FLAIR", "dwi"), "expected").tolist() == [1, 0]  # unknown: either
+    original = np.zeros((4, 2), np.float32)  # channels first; voxel 0 brighter, 1 darker
+    original[:, 0], original[:, 1] = 0.4, -0.4
+    healthy = np.zeros_like(original)
+    mean, per = difference_maps(original, healthy, 0, signs=signs)
+    # brighter counts on FLAIR, T1ce, T2; darker on T1 and T1ce.
+    np.testing.assert_allclose(per[:, 0], [0.4, 0.0, 0.4, 0.4])
+    np.testing.assert_allclose(per[:, 1], [0.0, 0.4, 0.4, 0.0])
+    np.testing.assert_allclose(mean, [0.3, 0.2])
+    plain, _ = difference_maps(original, healthy, 0, signs=contrast_signs(modalities, "any"))
+    np.testing.assert_allclose(plain, [0.4, 0.4])  # the paper's |difference|
+    last, _ = difference_maps(original.T, healthy.T, -1, signs=signs)  # channel last
+    np.testing.assert_array_equal(last, mean)
+    with pytest.raises(WhatIsHealthyError, match="one sign per channel"):
+        difference_maps(original, healthy, 0, signs=signs[:2])
+    with pytest.raises(WhatIsHealthyError, match="lesion_contrast must be one of"):
+        contrast_signs(modalities, "bright")
 
 
 def test_median_smooth_per_slice_and_3d() -> None:

@@ -10,7 +10,7 @@ import torch
 
 from napari_whatishealthy import sample_case_path
 from napari_whatishealthy.core import device_outputs, pipeline
-from napari_whatishealthy.core.anomaly import erode_mask, make_mask, median_smooth
+from napari_whatishealthy.core.anomaly import contrast_signs, erode_mask, make_mask, median_smooth
 from napari_whatishealthy.core.device_outputs import (
     DeviceOutputs,
     erode_mask_torch,
@@ -59,9 +59,11 @@ def _sample_and_counterfactual():
     return data, prepared, healthy
 
 
-@pytest.mark.parametrize(("z_slices", "radius"), [("all", 0), ("scattered", 0), ("all", 8),
-                                                   ("scattered", 4)])
-def test_device_outputs_agree_with_the_numpy_path_on_the_sample(z_slices, radius):
+@pytest.mark.parametrize(("z_slices", "radius", "contrast"),
+                         [("all", 0, "any"), ("scattered", 0, "any"), ("all", 8, "any"),
+                          ("scattered", 4, "any"), ("all", 8, "expected"),
+                          ("scattered", 0, "expected")])
+def test_device_outputs_agree_with_the_numpy_path_on_the_sample(z_slices, radius, contrast):
     data, prepared, healthy = _sample_and_counterfactual()
     sub, healthy_sub = prepared, healthy
     if z_slices == "scattered":  # a preview of three slices that are not neighbours
@@ -70,8 +72,9 @@ def test_device_outputs_agree_with_the_numpy_path_on_the_sample(z_slices, radius
         sub = prepared.restrict(prepared.slice_index[keep])
         healthy_sub = healthy[keep]
     scored = pipeline._scored_region(prepared.brain, sub.slice_index, 4)
-    host = pipeline._volume_outputs(data, prepared, sub, healthy_sub, 3, scored, radius)
-    torch_path = DeviceOutputs(data, prepared, sub, 3, 4, "cpu", radius)(healthy_sub)
+    signs = contrast_signs(("flair", "t1", "t1ce", "t2"), contrast)
+    host = pipeline._volume_outputs(data, prepared, sub, healthy_sub, 3, scored, radius, signs)
+    torch_path = DeviceOutputs(data, prepared, sub, 3, 4, "cpu", radius, signs)(healthy_sub)
     # The guided filter's box sums are float32 running sums in scipy and window means in
     # torch: equal to rounding, a little more of it than the plain path.
     tol = dict(rtol=1e-5, atol=1e-6) if radius == 0 else dict(rtol=1e-4, atol=2e-5)

@@ -469,6 +469,37 @@ def test_edge_erosion_zeroes_the_brain_edge_and_nothing_else(tiny_checkpoint, ca
         LocalizeSettings.from_spec(spec, edge_erosion=-1)
 
 
+def test_expected_lesion_contrast_keeps_only_each_modalitys_lesion_change(tiny_checkpoint,
+                                                                          case_dirs):
+    model, spec, _ = load_model_cached(tiny_checkpoint, "cpu")
+    data = load_volume(case_dirs[1]).select(spec.modalities).data
+
+    def run(contrast):
+        settings = LocalizeSettings.from_spec(spec, median_size=1, edge_erosion=0, seed=0,
+                                              edge_guide_radius=0, lesion_contrast=contrast)
+        return localize(model, spec, data, settings)
+
+    plain, expected = run("any"), run("expected")
+    np.testing.assert_array_equal(expected.healthy, plain.healthy)  # same counterfactual
+    assert expected.provenance["settings"]["lesion_contrast"] == "expected"
+    z = plain.processed_slices
+    for c, name in enumerate(spec.modalities):
+        a, e = plain.difference_per_channel[c][..., z], expected.difference_per_channel[c][..., z]
+        if name == "t1ce":  # either way: unchanged
+            np.testing.assert_allclose(e, a, atol=1e-6)
+            continue
+        # One direction of |difference| only: never more, and less where the other showed.
+        assert (e <= a + 1e-6).all() and (e < a - 1e-3).any(), name
+        # FLAIR and T2: where the counterfactual is clearly brighter than the input, nothing.
+        brighter = (plain.healthy[c] - data[c])[..., z] * (1 if name != "t1" else -1) > 0
+        strong = brighter & (a > 0.3 * a.max())
+        if strong.any():
+            assert e[strong].mean() < 0.5 * a[strong].mean(), name
+    assert expected.difference.sum() < plain.difference.sum()
+    with pytest.raises(WhatIsHealthyError, match="lesion_contrast"):
+        LocalizeSettings.from_spec(spec, lesion_contrast="brighter")
+
+
 def test_edge_guide_radius_puts_the_map_on_the_images_edges(tiny_checkpoint, case_dirs):
     from napari_whatishealthy.core.anomaly import EDGE_GUIDE_EPS, guided_filter
     from napari_whatishealthy.core.preprocess import normalise_with

@@ -127,6 +127,11 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                    help="edge-aware upsampling of the difference map: radius in voxels of the "
                         "guided filter that makes lesion edges follow the full-resolution image "
                         "(0: plain bilinear upsampling)")
+    g.add_argument("--lesion-contrast", choices=["any", "expected"], default=None,
+                   dest="lesion_contrast",
+                   help="which change counts as a lesion in each modality: any (|input - "
+                        "healthy|, the paper's score) or expected (brighter on FLAIR and T2, "
+                        "darker on T1, either on T1ce)")
     g.add_argument("--threshold", default=None,
                    help="mask threshold on the difference: a number, 'auto' (the model's "
                         "recommended value) or 'otsu' (per volume)")

@@ -18,6 +18,9 @@ except ImportError:  # pragma: no cover - cc3d is a dependency; scipy is the fal
     _cc3d = None
 
 __all__ = [
+    "LESION_CONTRAST",
+    "LESION_CONTRAST_CHOICES",
+    "contrast_signs",
     "difference_maps",
     "EDGE_GUIDE_EPS",
     "edge_guided",
@@ -31,13 +34,44 @@ __all__ = [
 ]
 
 
-def difference_maps(
-    original: np.ndarray, healthy: np.ndarray, channel_axis: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(mean, per_channel)``: |original - healthy| averaged over channels, and per channel.
+#: How a lesion changes each modality's intensity, as radiology reads it: +1 brighter, -1
+#: darker, 0 either way. Oedema, demyelination, gliosis and tumour are hyperintense on FLAIR and
+#: T2 and hypointense on T1; on T1ce enhancement is bright and necrosis dark. A modality not
+#: listed counts either way. Used by ``lesion_contrast="expected"``.
+LESION_CONTRAST: dict[str, int] = {"flair": 1, "t2": 1, "t1": -1, "t1ce": 0}
+#: ``"any"``: |input - healthy| in every modality (the paper's score); ``"expected"``: in each
+#: modality only the change a lesion makes there (:data:`LESION_CONTRAST`), so that a healthy
+#: image that the counterfactual renders brighter on FLAIR, say, is not called a lesion.
+LESION_CONTRAST_CHOICES = ("any", "expected")
 
-    ``per_channel`` keeps the input's shape (channel axis where it was); ``mean`` drops that
-    axis. Both are float32. The mean over channels is the peers' anomaly score.
+
+def contrast_signs(modalities: tuple[str, ...] | list[str], lesion_contrast: str) -> np.ndarray:
+    """The sign each channel's difference is read with (float32 ``[C]``: +1 input brighter than
+    its counterfactual, -1 darker, 0 either way) under ``lesion_contrast``."""
+    if lesion_contrast not in LESION_CONTRAST_CHOICES:
+        raise WhatIsHealthyError(
+            f"lesion_contrast must be one of {', '.join(LESION_CONTRAST_CHOICES)} (any: "
+            "|input - healthy| in every modality, the paper's; expected: only the change a "
+            f"lesion makes in each modality), got {lesion_contrast!r}"
+        )
+    if lesion_contrast == "any":
+        return np.zeros(len(modalities), dtype=np.float32)
+    return np.array([LESION_CONTRAST.get(str(m).lower(), 0) for m in modalities],
+                    dtype=np.float32)
+
+
+def difference_maps(
+    original: np.ndarray, healthy: np.ndarray, channel_axis: int,
+    signs: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, per_channel)``: each channel's difference between ``original`` and its
+    ``healthy`` counterfactual, averaged over channels, and per channel.
+
+    ``signs`` (one per channel, :func:`contrast_signs`): 0 or None reads a channel as
+    |original - healthy|; +1 keeps only where the original is brighter (``max(o - h, 0)``), -1
+    only where it is darker. ``per_channel`` keeps the input's shape (channel axis where it
+    was); ``mean`` drops that axis. Both are float32. The mean over channels is the peers'
+    anomaly score.
     """
     original = np.asarray(original)
     healthy = np.asarray(healthy)
@@ -49,7 +83,22 @@ def difference_maps(
         raise WhatIsHealthyError(
             f"channel_axis {channel_axis} is out of range for shape {original.shape}"
         )
-    per_channel = np.abs(original.astype(np.float32) - healthy.astype(np.float32))
+    delta = original.astype(np.float32) - healthy.astype(np.float32)
+    if signs is None or not np.any(signs):
+        per_channel = np.abs(delta, out=delta)
+    else:
+        signs = np.asarray(signs, dtype=np.float32)
+        if signs.shape != (original.shape[channel_axis],):
+            raise WhatIsHealthyError(
+                f"signs {signs.shape} must give one sign per channel "
+                f"({original.shape[channel_axis]})"
+            )
+        shape = [1] * original.ndim
+        shape[channel_axis] = -1
+        sign = signs.reshape(shape)
+        # sign 0: |d|; sign +-1: max(sign * d, 0).
+        per_channel = np.where(sign == 0, np.abs(delta), np.maximum(sign * delta, 0.0))
+        per_channel = per_channel.astype(np.float32, copy=False)
     return per_channel.mean(axis=channel_axis, dtype=np.float32), per_channel
 
 

@@ -55,6 +55,13 @@ class _Chosen:
                  device: torch.device | str) -> None:
         self.make, self.where, self.host, self.device = make, where, host, device
 
+    def _per_channel(self, delta: torch.Tensor) -> torch.Tensor:
+        """Model-space ``[n, C, S, S]`` input - healthy -> each channel's difference:
+        |delta|, or where a sign is set only the change of that sign (``max(sign * delta, 0)``)."""
+        if self.signs is None:
+            return delta.abs()
+        return torch.where(self.signs == 0, delta.abs(), (self.signs * delta).clamp_min(0.0))
+
     def __call__(self, healthy_s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.where != "host":
             try:
@@ -166,8 +173,12 @@ class DeviceOutputs:
 
     def __init__(self, data: np.ndarray, prepared: PreparedVolume, sub: PreparedVolume,
                  median_size: int, erosion: int, device: torch.device | str,
-                 edge_guide_radius: int = 0) -> None:
+                 edge_guide_radius: int = 0, signs: np.ndarray | None = None) -> None:
         self.device = torch.device(device)
+        # Each channel's lesion contrast, as the numpy path's difference_maps reads it.
+        self.signs = (None if signs is None or not np.any(signs) else
+                      torch.as_tensor(np.asarray(signs, np.float32), device=self.device)
+                      .reshape(1, -1, 1, 1))
         self.edge_guide_radius = int(edge_guide_radius)
         self.data = data
         self.prepared = prepared
@@ -209,6 +220,13 @@ class DeviceOutputs:
         inside = (source.float() * factor - 1.0).clamp_(-NORMALISED_LIMIT, NORMALISED_LIMIT)
         return torch.where(self.brain_idx[:, None], inside, torch.full_like(inside, BACKGROUND))
 
+    def _per_channel(self, delta: torch.Tensor) -> torch.Tensor:
+        """Model-space ``[n, C, S, S]`` input - healthy -> each channel's difference:
+        |delta|, or where a sign is set only the change of that sign (``max(sign * delta, 0)``)."""
+        if self.signs is None:
+            return delta.abs()
+        return torch.where(self.signs == 0, delta.abs(), (self.signs * delta).clamp_min(0.0))
+
     def __call__(self, healthy_s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(difference [X, Y, Z], per-channel difference [C, X, Y, Z], healthy [C, X, Y, Z]),
         numpy float32, as the numpy path's ``_volume_outputs``."""
@@ -222,7 +240,7 @@ class DeviceOutputs:
         dev = self.device
         input_s = torch.from_numpy(np.ascontiguousarray(self.sub.slices)).to(dev)
         healthy_t = torch.from_numpy(np.ascontiguousarray(healthy_s, dtype=np.float32)).to(dev)
-        per_idx = self._to_grid((input_s - healthy_t).abs()).clamp_min_(0.0)  # [n, C, X, Y]
+        per_idx = self._to_grid(self._per_channel(input_s - healthy_t)).clamp_min_(0.0)
         volume = torch.from_numpy(np.ascontiguousarray(data)).to(dev)  # [C, X, Y, Z]
         source = volume.index_select(3, self.index).permute(3, 0, 1, 2)  # [n, C, X, Y]
         if self.edge_guide_radius > 0:  # as the numpy path: each channel by its own image

@@ -107,6 +107,10 @@ class InferenceDefaults:
     # each channel's upsampled 64 px difference to that channel's full-resolution image, so that
     # lesion edges follow the image instead of a bilinear ramp; 0: plain bilinear upsampling.
     edge_guide_radius: int = 0
+    # Which change counts in each modality: "any" (|input - healthy|, the paper's) or "expected"
+    # (only the change a lesion makes there: brighter on FLAIR and T2, darker on T1; see
+    # core.anomaly.LESION_CONTRAST).
+    lesion_contrast: str = "any"
 
 
 class JSONSpec:

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from .anomaly import (
+    contrast_signs,
     difference_maps,
     edge_guided,
     erode_mask,
@@ -400,7 +401,8 @@ def _run(
     t_model = time.time() - started
     warnings = _warnings(prepared, sub)
     brain = prepared.brain
-    outputs = _outputs_for(data, prepared, sub, settings, device)
+    signs = contrast_signs(spec.modalities, settings.lesion_contrast)
+    outputs = _outputs_for(data, prepared, sub, settings, device, signs)
     difference, per_channel, healthy = outputs(per_level[0])
     difference, uncertainty = _over_levels(difference, per_level, outputs)
     t_outputs = time.time() - started
@@ -463,21 +465,24 @@ def _by_stage(preparing: float, started: float, network: float, outputs_done: fl
 
 
 def _outputs_for(data: np.ndarray, prepared: PreparedVolume, sub: PreparedVolume,
-                 settings: LocalizeSettings, device: torch.device) -> Outputs:
+                 settings: LocalizeSettings, device: torch.device,
+                 signs: np.ndarray | None = None) -> Outputs:
     """How this run maps its counterfactuals back to the volume grid (see
     :func:`.device_outputs.choose_outputs`): numpy on the host, or torch on a CUDA device. The
-    device path does what ``_volume_outputs`` does (guided upsampling, median, erosion): a new option
-    there must be ported to it, or use the host path when on (tests/test_device_outputs.py)."""
+    device path does what ``_volume_outputs`` does (lesion contrast, guided upsampling, median,
+    erosion): a new option there must be ported to it, or use the host path when on
+    (tests/test_device_outputs.py). ``signs``: each channel's lesion contrast
+    (:func:`.anomaly.contrast_signs`)."""
     erosion, median = int(settings.edge_erosion), int(settings.median_size)
     radius = int(settings.edge_guide_radius)
 
     def host() -> Outputs:
         scored = _scored_region(prepared.brain, sub.slice_index, erosion)
         return lambda healthy_s: _volume_outputs(data, prepared, sub, healthy_s, median, scored,
-                                                 radius)
+                                                 radius, signs)
 
     return choose_outputs(device, host, lambda: DeviceOutputs(data, prepared, sub, median,
-                                                              erosion, device, radius))
+                                                              erosion, device, radius, signs))
 
 
 def _over_levels(difference: np.ndarray, per_level: list[np.ndarray], outputs: Outputs
@@ -538,10 +543,12 @@ def _volume_outputs(
     median_size: int,
     scored: np.ndarray | None = None,
     edge_guide_radius: int = 0,
+    signs: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(difference [X, Y, Z], per-channel difference [C, X, Y, Z], healthy [C, X, Y, Z]) on the
     volume grid. Only the processed slices are computed; the rest are 0 (differences) and the
-    input itself (healthy), so a one-slice preview costs one slice, not a volume."""
+    input itself (healthy), so a one-slice preview costs one slice, not a volume. ``signs``:
+    each channel's lesion contrast (None: |input - healthy|)."""
     brain = prepared.brain
     idx = sub.slice_index
     channels = data.shape[0]
@@ -555,7 +562,7 @@ def _volume_outputs(
     z = _as_slice(idx)
     brain_idx = brain[..., z]
     input_s = sub.slices
-    _, per_s = difference_maps(input_s, healthy_s, channel_axis=1)
+    _, per_s = difference_maps(input_s, healthy_s, channel_axis=1, signs=signs)
     per_idx = np.maximum(to_slices(sub, per_s, fill=0.0), 0.0)  # [C, X, Y, n]
     box = in_plane_box(brain_idx, 2 * edge_guide_radius + 1) if edge_guide_radius > 0 else None
     if box is not None:  # each channel's map takes the edges of its own full-resolution image

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .anomaly import contrast_signs
 from .errors import WhatIsHealthyError
 from .model import HEALTHY, InferenceDefaults, ModelSpec
 
@@ -210,6 +211,7 @@ class LocalizeSettings(InferenceDefaults):
         _check_int("edge_erosion", self.edge_erosion, 0, MAX_EDGE_EROSION, " (voxels)")
         _check_int("edge_guide_radius", self.edge_guide_radius, 0, MAX_EDGE_GUIDE_RADIUS,
                    " (voxels; 0: plain upsampling)")
+        contrast_signs((), self.lesion_contrast)  # refuses an unknown choice
         check_seed(self.seed)
         if self.batch_size is not None:
             _check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE,
