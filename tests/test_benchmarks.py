@@ -48,8 +48,8 @@ def test_speed_tiny_compares_against_the_reference():
     assert "75+75 steps" in out
     assert "outputs agree: yes" in out
     assert re.search(r"threshold slider .*: [\d.]+ ms median", out)
-    assert re.search(r"the widget's OpenMP policy \(napari's process: OMP_WAIT_POLICY=\w+\): "
-                     r"[\d.]+ s \(median of \d; load average", out)
+    assert re.search(r"the widget's OpenMP policy \(napari's process: OMP_WAIT_POLICY=\w+, "
+                     r"GOMP_SPINCOUNT=\w+\): [\d.]+ s \(median of \d; load average", out)
     assert re.fullmatch(r"speedup_vs_reference \d+\.\d\d", out.strip().splitlines()[-1])
 
 

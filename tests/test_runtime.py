@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
-from napari_whatishealthy.core.runtime import prefer_passive_omp_wait
+from napari_whatishealthy.core.runtime import (
+    BOUNDED_SPIN_COUNT,
+    prefer_bounded_omp_spin,
+    prefer_passive_omp_wait,
+)
 
 
 def test_passive_wait_is_set_only_when_the_user_chose_none():
@@ -14,6 +18,20 @@ def test_passive_wait_is_set_only_when_the_user_chose_none():
     assert prefer_passive_omp_wait(env) and env["OMP_WAIT_POLICY"] == "PASSIVE"
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert not prefer_passive_omp_wait(env) and env["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_bounded_spin_is_set_only_when_the_user_chose_none_and_torch_is_not_loaded():
+    env: dict[str, str] = {}
+    assert prefer_bounded_omp_spin(env, torch_loaded=False)
+    assert env == {"GOMP_SPINCOUNT": str(BOUNDED_SPIN_COUNT)}
+    for chosen in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "0"}):
+        env = dict(chosen)
+        assert not prefer_bounded_omp_spin(env, torch_loaded=False) and env == chosen
+    env = {}
+    assert not prefer_bounded_omp_spin(env, torch_loaded=True) and env == {}  # too late: no-op
+    # The CLI's PASSIVE does not override a spin count the user chose either.
+    env = {"GOMP_SPINCOUNT": "5000"}
+    assert not prefer_passive_omp_wait(env) and env == {"GOMP_SPINCOUNT": "5000"}
 
 
 def test_the_cli_sets_it_before_torch_is_imported():

@@ -131,6 +131,27 @@ def count_runs(monkeypatch):
     return calls
 
 
+def test_the_widget_bounds_openmp_spinning_before_torch_loads():
+    """napari's process keeps OpenMP's default policy unless the widget sets one when it is
+    made, before anything imports torch (libgomp reads it once); a user's choice is kept."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys, napari; viewer = napari.Viewer(show=False); "
+            "from napari_whatishealthy._widget import LocalizeWidget; "
+            "before = 'torch' in sys.modules; widget = LocalizeWidget(viewer); "
+            "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'), before); "
+            "viewer.close()")
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    for extra, expected in (({}, "10000 None False"),
+                            ({"OMP_WAIT_POLICY": "PASSIVE"}, "None PASSIVE False")):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**clean, **extra}, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip().splitlines()[-1] == expected
+
+
 def test_inputs_are_matched_by_name(make_napari_viewer, lesion_case, tiny_checkpoint):
     viewer, widget = _setup(make_napari_viewer, lesion_case, tiny_checkpoint)
     chosen = {m: c.currentText() for m, c in widget._modality_combos.items()}

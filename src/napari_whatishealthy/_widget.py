@@ -23,6 +23,7 @@ from ._widget_run import RunHandlers
 from ._widget_settings import SettingsHandlers
 from ._widget_state import InputCache, ResultSession
 from ._writer import prefer_this_writer
+from .core.runtime import prefer_bounded_omp_spin
 
 if TYPE_CHECKING:
     import napari
@@ -42,6 +43,8 @@ class LocalizeWidget(ModelChoice, RunHandlers, ResultHandlers, SettingsHandlers,
     """
 
     def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
+        # Before anything loads torch: how its threads wait in napari's process (core.runtime).
+        prefer_bounded_omp_spin()
         super().__init__(parent)
         self.viewer = viewer
         self._spec = None

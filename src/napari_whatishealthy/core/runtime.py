@@ -1,5 +1,6 @@
 """Process-level settings: an allocator that makes the CPU path fast and steady, OpenMP threads
-that sleep rather than spin while waiting (shared cores), and SIGTERM handled like Ctrl-C.
+that sleep rather than spin while waiting (shared cores; a bounded spin in napari's process),
+and SIGTERM handled like Ctrl-C.
 
 glibc by default returns large activation buffers to the system after every forward pass, which
 costs about a million page faults per pass on a big batch and makes timings jump; keeping the
@@ -71,7 +72,39 @@ def prefer_passive_omp_wait(environ: MutableMapping[str, str] | None = None) -> 
     machine at load 9, and 52-62 ms with ``OMP_WAIT_POLICY=PASSIVE`` (docs/benchmarks.md).
     """
     environ = os.environ if environ is None else environ
-    if "OMP_WAIT_POLICY" in environ:
+    if _user_chose_omp_wait(environ):
         return False
     environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return True
+
+
+#: Iterations a waiting OpenMP thread spins (libgomp's ``GOMP_SPINCOUNT``) before it sleeps, in
+#: napari's process. A previews' network calls are short, so a thread that sleeps at once
+#: (PASSIVE) pays a wake-up on every parallel region; one that spins without bound (OpenMP's
+#: default) starves the other jobs' threads on shared cores. Measured on the 2-core development
+#: machine, one-slice preview / 48 slices, s (docs/benchmarks.md, *Threads*): quiet, PASSIVE
+#: 0.40 / 7.8-8.1, this bound 0.23-0.25 / 7.2-7.8, the default 0.24 / 7.4; with two busy
+#: processes on the two cores, PASSIVE 0.40 / 13.8, this bound 0.55 / 15.5, the default 0.96 /
+#: 24.4 (and up to 43 s per preview in an earlier, busier measurement).
+BOUNDED_SPIN_COUNT = 10_000
+
+
+def prefer_bounded_omp_spin(environ: MutableMapping[str, str] | None = None,
+                            torch_loaded: bool | None = None) -> bool:
+    """For the napari widget, which shares napari's process (the CLI uses
+    :func:`prefer_passive_omp_wait`): torch's OpenMP threads spin for a bounded time
+    (:data:`BOUNDED_SPIN_COUNT`) before they sleep, unless the user chose a policy
+    (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` set) or torch is already loaded
+    (``torch_loaded``, default: imported in this process; libgomp reads the setting once, when
+    it loads). Returns whether it was set here."""
+    environ = os.environ if environ is None else environ
+    if torch_loaded is None:
+        torch_loaded = "torch" in sys.modules
+    if torch_loaded or _user_chose_omp_wait(environ):
+        return False
+    environ["GOMP_SPINCOUNT"] = str(BOUNDED_SPIN_COUNT)
+    return True
+
+
+def _user_chose_omp_wait(environ: MutableMapping[str, str]) -> bool:
+    return "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ
