@@ -175,13 +175,30 @@ def test_independent_cases_then_score_options_beside_the_flair_baseline(tiny_che
     assert first.segmentation.any() and second.segmentation.any()  # typical: lesions painted
     out = _run(BENCHMARKS / "score_options.py", cases, "--model", tiny_checkpoint, "--z-stride",
                "3", "--noise-levels", "0.2", "--guidance-values", "8", "--no-inversion-normalisation",
-               "--cache", tmp_path / "cache")
+               "--steps-values", "3", "--cache", tmp_path / "cache")
     rows = _table_rows(out)
     options = {r[0] for r in rows}
-    assert {"default", "erode 4", "guided r4 e-3", "w=8, guided r8", "FLAIR baseline"} <= options
+    assert {"default", "erode 4", "guided r4 e-3", "w=8, guided r8", "FLAIR baseline",
+            "steps=3", "steps=3, guided r8", "lesion contrast expected, guided r8"} <= options
     assert {r[1].split(" ")[0] for r in rows} == {"all", "typical", "subtle"}
     assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)  # AUPRC
     assert "best-Dice thresholds on these cases" in out
+
+
+def test_independent_cases_mix_of_kinds():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("independent_cases",
+                                                  BENCHMARKS / "independent_cases.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module._kinds("moderate:2,healthy:1", 5) == ["moderate", "moderate", "healthy",
+                                                         "moderate", "moderate"]
+    default = module._kinds(module.DEFAULT_MIX, 12)
+    assert default.count("typical") == 6 and default.count("subtle") == 3
+    for bad in ("huge:2", "typical", "typical:x"):
+        with pytest.raises(SystemExit, match="--mix"):
+            module._kinds(bad, 4)
 
 
 def test_speed_measures_tiny_compares_each_measure_with_identical_outputs():
