@@ -55,13 +55,6 @@ class _Chosen:
                  device: torch.device | str) -> None:
         self.make, self.where, self.host, self.device = make, where, host, device
 
-    def _per_channel(self, delta: torch.Tensor) -> torch.Tensor:
-        """Model-space ``[n, C, S, S]`` input - healthy -> each channel's difference:
-        |delta|, or where a sign is set only the change of that sign (``max(sign * delta, 0)``)."""
-        if self.signs is None:
-            return delta.abs()
-        return torch.where(self.signs == 0, delta.abs(), (self.signs * delta).clamp_min(0.0))
-
     def __call__(self, healthy_s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.where != "host":
             try:
