@@ -140,6 +140,25 @@ def test_localize_over_several_noise_levels_writes_the_uncertainty(capsys, tiny_
     assert rc == 2 and "--noise-levels" in err
 
 
+def test_localize_lesion_contrast_option_reaches_the_run(capsys, tiny_checkpoint, case_dirs,
+                                                          tmp_path):
+    case = case_dirs[0]
+    sums = {}
+    for choice in ("any", "expected"):
+        out = tmp_path / choice
+        rc, _, err = run(capsys, "localize", case, "--out", out, "--model", tiny_checkpoint,
+                         "--lesion-contrast", choice, "--no-progress")
+        assert rc == 0, err
+        prov = json.loads((out / f"{case.name}_provenance.json").read_text())
+        assert prov["settings"]["lesion_contrast"] == choice
+        sums[choice] = float(np.asarray(nib.load(out / f"{case.name}_difference.nii.gz")
+                                        .dataobj).sum())
+    assert 0 < sums["expected"] < sums["any"]  # one direction of the change per modality
+    rc, _, err = run(capsys, "localize", case, "--out", tmp_path / "x", "--model",
+                     tiny_checkpoint, "--lesion-contrast", "brighter")
+    assert rc == 2 and "--lesion-contrast" in err
+
+
 def test_localize_a_case_folder(capsys, tiny_checkpoint, case_dirs, tmp_path):
     case = case_dirs[0]
     out = tmp_path / "out"
