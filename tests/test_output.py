@@ -250,6 +250,22 @@ def test_localize_never_writes_over_the_model_or_through_a_link(capsys, tiny_che
     assert "mask.nii.gz: refusing to overwrite an input file" in capsys.readouterr().err
 
 
+def test_another_runs_commit_backup_is_not_a_user_hard_link(tmp_path):
+    """A run replacing a file keeps a ``.wih-old`` link to it for the milliseconds of its
+    commit; a concurrent run checking the same target then must not refuse it as hard-linked
+    (a six-writer --overwrite race exited 2 that way), while a user's second name still is."""
+    from napari_whatishealthy.core.output import _temp_name
+
+    target = tmp_path / "case_mask.nii.gz"
+    target.write_text("an earlier result")
+    backup = tmp_path / _temp_name(target, "old")
+    os.link(target, backup)
+    assert check_target(target, overwrite=True) == target
+    os.link(target, tmp_path / "elsewhere.nii.gz")
+    with pytest.raises(InputError, match="has 2 hard links"):  # the backup is not counted
+        check_target(target, overwrite=True)
+
+
 def test_checks_before_computing(tmp_path):
     """Defect 9: names too long, hard-linked outputs, unwritable folders: refused at once."""
     with pytest.raises(InputError, match="more than the 255"):

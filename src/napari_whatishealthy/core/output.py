@@ -154,13 +154,32 @@ def check_target(
         if not overwrite:
             raise InputError(f"{path}: already exists; pass --overwrite or choose another folder")
         with contextlib.suppress(OSError):
-            links = os.lstat(path).st_nlink
-            if links > 1 and not path.is_symlink():
+            links = _other_links(path)
+            if links > 0 and not path.is_symlink():
                 raise InputError(
-                    f"{path}: has {links} hard links; replacing it would leave the other names "
-                    "with the old content: remove it first or choose another folder"
+                    f"{path}: has {links + 1} hard links; replacing it would leave the other "
+                    "names with the old content: remove it first or choose another folder"
                 )
     return path
+
+
+def _other_links(path: Path) -> int:
+    """Hard links of ``path`` besides itself, not counting a commit's backups of it (``.wih-old``
+    names in its folder): another run replacing the same file keeps those for the milliseconds
+    of its renames, and they are not a user's second name for the file."""
+    st = os.lstat(path)
+    if st.st_nlink <= 1:
+        return 0
+    backups = 0
+    for entry in os.scandir(path.parent):
+        match = _TEMP_RE.match(entry.name)
+        if match and match.group(1) == "old":
+            with contextlib.suppress(OSError):
+                other = entry.stat(follow_symlinks=False)
+                backups += (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+    # The commit may end between the two looks (its backups gone, the count not yet updated):
+    # read the count again and keep the smaller.
+    return max(min(st.st_nlink, os.lstat(path).st_nlink) - 1 - backups, 0)
 
 
 def check_folder(folder: str | Path, need_bytes: int = 0) -> Path:
