@@ -341,6 +341,28 @@ def test_second_run_updates_layers_in_place(make_napari_viewer, qtbot, lesion_ca
     assert widget.stale_label.isHidden()
 
 
+def test_lesion_contrast_box_follows_the_model_and_reaches_the_run(make_napari_viewer, qtbot,
+                                                                   lesion_case, tiny_checkpoint):
+    viewer, widget = _setup(make_napari_viewer, lesion_case, tiny_checkpoint)
+    assert not widget.lesion_contrast.isChecked()  # the tiny model's spec: "any"
+    _run(qtbot, widget)
+    plain = viewer.layers["flair difference"].data.copy()
+    assert viewer.layers["flair mask"].metadata["provenance"]["settings"]["lesion_contrast"] == "any"
+    widget.lesion_contrast.setChecked(True)
+    assert not widget.stale_label.isHidden()  # a setting of the run changed
+    _run(qtbot, widget)
+    prov = viewer.layers["flair mask"].metadata["provenance"]
+    assert prov["settings"]["lesion_contrast"] == "expected"
+    shown = viewer.layers["flair difference"].data
+    assert shown.sum() < plain.sum()  # one direction of the change per modality, not |d|
+    widget.reset_defaults()  # back to the model's setting
+    assert not widget.lesion_contrast.isChecked()
+    from napari_whatishealthy.core.registry import bundled_models
+
+    widget.set_model(bundled_models()["default"])  # a bundled spec says "expected"
+    assert widget.lesion_contrast.isChecked()
+
+
 def test_later_runs_reuse_the_prepared_inputs(make_napari_viewer, qtbot, lesion_case,
                                               tiny_checkpoint, monkeypatch):
     calls = []

@@ -69,6 +69,10 @@ TIPS = {
     "cost of fine detail; lower keeps the anatomy closer to the input.",
     "steps": "DDIM steps for the inversion and for the decoding. More steps follow the model "
     "more faithfully; the run time grows in proportion.",
+    "lesion_contrast": "Checked: in each modality only the change a lesion makes there counts "
+    "(brighter than the healthy version on FLAIR and T2, darker on T1, either way on T1ce); the "
+    "bundled models are calibrated this way. Unchecked: |input - healthy| everywhere, the "
+    "paper's score (use it for lesions that are dark on FLAIR, such as cysts).",
     "device": "Where the network runs: auto picks a CUDA GPU, then Apple MPS, then the CPU. "
     "Only the devices available on this machine are listed.",
     "scope": "Current slice: only the axial slice under the viewer's cursor, a quick preview of "
@@ -217,6 +221,10 @@ def _settings_box(w: Any, root: QVBoxLayout) -> None:
     w.steps.setRange(1, 1000)
     w.steps.setToolTip(TIPS["steps"])
     form.addRow("Steps", w.steps)
+    w.lesion_contrast = QCheckBox("Lesion contrast (FLAIR, T2 brighter; T1 darker)")
+    w.lesion_contrast.setToolTip(TIPS["lesion_contrast"])
+    w.lesion_contrast.toggled.connect(w._mark_stale)
+    form.addRow(w.lesion_contrast)
     w.device_combo = QComboBox()
     w.device_combo.setToolTip(TIPS["device"])
     from .core.device import available_devices
@@ -228,9 +236,9 @@ def _settings_box(w: Any, root: QVBoxLayout) -> None:
     w.scope_combo.setToolTip(TIPS["scope"])
     form.addRow("Scope", w.scope_combo)
     w.defaults_button = QPushButton("Model defaults")
-    w.defaults_button.setToolTip("Set guidance, noise level and steps to the model's "
-                                    "recommended values (and the classifier scale to the "
-                                    "classifier's)")
+    w.defaults_button.setToolTip("Set guidance, noise level, steps and the lesion contrast "
+                                    "to the model's recommended values (and the classifier "
+                                    "scale to the classifier's)")
     w.defaults_button.clicked.connect(w.reset_defaults)
     form.addRow(w.defaults_button)
     for spin in (w.guidance, w.classifier_scale, w.noise_level, w.steps):

@@ -182,8 +182,8 @@ class ModelChoice:
         self._show_settings(LocalizeSettings(), min_size=True)
 
     def reset_defaults(self) -> None:
-        """Guidance, noise level, steps (and min component size) from the model's spec; the
-        classifier scale from the classifier's spec."""
+        """Guidance, noise level, steps, lesion contrast (and min component size) from the
+        model's spec; the classifier scale from the classifier's spec."""
         if self._classifier_spec is not None:
             self.classifier_scale.setValue(float(self._classifier_spec.inference.scale))
         if self._spec is not None:
@@ -193,6 +193,7 @@ class ModelChoice:
         self.guidance.setValue(float(settings.guidance))
         self.noise_level.setValue(float(settings.noise_level))
         self.steps.setValue(int(settings.steps))
+        self.lesion_contrast.setChecked(settings.lesion_contrast == "expected")
         if min_size:
             self.min_size.blockSignals(True)
             self.min_size.setValue(int(settings.min_component_voxels))

@@ -346,6 +346,7 @@ class ResultHandlers:
         return (self._model_ref, classifier, round(float(self.guidance.value()), 6),
                 round(float(self.classifier_scale.value()), 6) if classifier else None,
                 round(float(self.noise_level.value()), 6), int(self.steps.value()),
+                self.lesion_contrast.isChecked(),
                 tuple(combo.currentText() for combo in self._modality_combos.values()))
 
     def _mark_stale(self, *_: Any) -> None:

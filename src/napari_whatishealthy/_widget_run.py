@@ -169,6 +169,7 @@ class RunHandlers(StopOnWindowClose):
             "guidance": float(self.guidance.value()),
             "noise_level": float(self.noise_level.value()),
             "steps": int(self.steps.value()),
+            "lesion_contrast": "expected" if self.lesion_contrast.isChecked() else "any",
             "batch_size": self._saved_batch_size(),
             "min_component_voxels": int(self.min_size.value()),
             "brain_only": bool(self.brain_only.isChecked()),
