@@ -289,9 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             # 3D-consistent smoothing: the counterfactual is made slice by slice, so its
             # slice-to-slice jitter could be averaged out across neighbouring slices.
             t0 = time.time()
-            radius = int(spec.inference.edge_guide_radius) or 8
-            raw = guided(sub, prepared, input_s, healthy[dflt], brain_idx, radius=radius,
-                          eps=1e-2, median=1)
+            raw = guided(sub, prepared, input_s, healthy[dflt], brain_idx, radius=spec_radius,
+                         eps=1e-2, median=1)
             eroded = brain_idx * erode_mask(brain, 4)[..., z]
             maps["guided, 2D median (as the pipeline)"] = median_smooth(raw, 3, slice_axis=-1) * eroded
             maps["guided, 3D median"] = median_smooth(raw, 3, slice_axis=None) * eroded
