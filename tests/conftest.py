@@ -7,6 +7,7 @@ that changes files copies them first.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -49,6 +50,20 @@ def make_checkpoint(directory: Path, seed: int = 0, spec: ModelSpec | None = Non
             param.add_(torch.randn_like(param) * 0.05)
         model.label_embedding.weight[model.null_label].zero_()
     return save_checkpoint(model, directory)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def openvino_cache_in_tmp(tmp_path_factory):
+    """Networks converted for OpenVINO are kept in this session's folder, never the user's
+    cache (subprocesses inherit the variable)."""
+    folder = tmp_path_factory.mktemp("openvino-cache")
+    previous = os.environ.get("WHATISHEALTHY_OPENVINO_CACHE")
+    os.environ["WHATISHEALTHY_OPENVINO_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("WHATISHEALTHY_OPENVINO_CACHE", None)
+    else:
+        os.environ["WHATISHEALTHY_OPENVINO_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,8 @@ def test_speed_tiny_compares_against_the_reference():
         assert float(row[2]) > 0 and int(row[3]) > 0 and float(row[4]) > 0
     assert rows[0][5] == "1.00x"  # the batch-32 reference is what the speedups are against
     assert re.search(r"^cpu: .*torch CPU capability", out, re.M)
-    assert re.search(r"^pipeline on this cpu: torch, (float32|bfloat16 autocast), \d+ slices", out, re.M)
+    assert re.search(r"^pipeline on this cpu: (torch, (float32|bfloat16 autocast)|openvino, "
+                     r"(bf16|float32)), \d+ slices", out, re.M)
     assert "75+75 steps" in out
     assert "outputs agree: yes" in out
     assert re.search(r"threshold slider .*: [\d.]+ ms median", out)

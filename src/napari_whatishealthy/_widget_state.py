@@ -121,6 +121,9 @@ def localize_job(request: JobRequest) -> Generator[Any, None, Any]:
         if settings.method == "classifier":
             yield StatusMessage("loading the classifier")
         guide = session.load_guide(request.classifier, settings)
+        # Instant once made; the first OpenVINO run of a model on this machine converts it.
+        yield StatusMessage("preparing the network")
+        session.network(settings)
         yield StatusMessage("preparing the slices")
         prepared = (request.cache.prepared(request.data, session.spec)
                     if request.cache is not None else None)

@@ -145,6 +145,9 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                    help="slices per network batch (default: 24 on a CPU, 256 on a GPU)")
     g.add_argument("--amp", choices=["auto", "on", "off", "bf16", "fp16"], default=defaults.amp,
                    help="autocast for the network (default auto: bf16 on CPU and CUDA)")
+    g.add_argument("--backend", choices=["auto", "torch", "openvino"], default=defaults.backend,
+                   help="what runs the network (default auto: OpenVINO on an x86-64 CPU where it "
+                        "is installed, torch elsewhere)")
     g.add_argument("--seed", type=int, default=defaults.seed,
                    help="torch seed (recorded in provenance)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -65,8 +65,9 @@ from .classifier import check_compatible, resolve_scale, target_class
 from .ddim import Predictor, _decode_iter, _invert_iter, decode, dynamic_normalise, invert
 from .device import free_memory, is_out_of_memory, resolve_device
 from .errors import WhatIsHealthyError
-from .inference_network import inference_network
+from .inference_network import network_for
 from .model import NULL, ModelSpec, ScheduleSpec
+from .openvino_network import choose_backend
 from .settings import METHODS, AmpSetting, LocalizeSettings, check_noise_and_steps
 from .steps import Progress, drain, relay
 
@@ -185,13 +186,17 @@ def autocast_dtype(amp: AmpSetting, device: torch.device | str) -> torch.dtype |
 
 
 def describe_inference(device: torch.device | str, settings: Any = None) -> str:
-    """What the network runs as on ``device`` with ``settings`` (amp, batch_size): one line for
+    """What the network runs as on ``device`` with ``settings`` (amp, backend, batch_size): one line for
     logs and benchmarks, e.g. ``torch, bf16 autocast, 24 slices per chunk, channels-last``."""
     amp = getattr(settings, "amp", "auto")
     batch = getattr(settings, "batch_size", None) or default_batch_size(device)
     dtype = autocast_dtype(amp, device)
-    precision = "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
-    text = f"torch, {precision}, {batch} slices per chunk, channels-last"
+    backend = choose_backend(getattr(settings, "backend", "auto"), device, dtype)
+    if backend == "openvino":
+        text = f"openvino, {'bf16' if dtype is not None else 'float32'}, {batch} slices per chunk"
+    else:
+        precision = "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
+        text = f"torch, {precision}, {batch} slices per chunk, channels-last"
     if torch.device(device).type == "cpu":
         from .hardware import cpu_info
 
@@ -287,8 +292,9 @@ def iter_counterfactual(
     alphas = schedule.alphas_cumprod()
     guide = _classifier_guide(settings, spec, plan, device)
     use_channels_last(model)
-    # The same outputs with less work per call (see .inference_network), kept between runs.
-    network = inference_network(model, amp_dtype)
+    # The same outputs with less work per call (see .inference_network), kept between runs;
+    # compiled by OpenVINO where settings.backend chooses it (see .openvino_network).
+    network = network_for(model, amp_dtype, device, settings.backend)
     return _iterate(network, data, settings, plan, alphas, int(null_label), device, amp_dtype,
                     guide)
 

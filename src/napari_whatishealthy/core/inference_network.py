@@ -22,6 +22,7 @@ are). The original model is not changed: float32 runs, training and checkpoints 
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import types
 import weakref
@@ -30,14 +31,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["inference_network"]
+_log = logging.getLogger(__name__)
+
+__all__ = ["describe_network", "inference_network", "network_for", "weights_key"]
 
 _LOCK = threading.Lock()
 # model -> {autocast dtype: (weights key, copy)}; the copies go with their model.
 _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _weights_key(model: nn.Module) -> tuple:
+def weights_key(model: nn.Module) -> tuple:
     """Changes whenever a parameter or buffer is replaced or changed in place."""
     return tuple((t.data_ptr(), t._version, t.dtype, str(t.device))
                  for t in (*model.parameters(), *model.buffers()))
@@ -87,7 +90,7 @@ def inference_network(model: Any, amp_dtype: torch.dtype | None) -> Any:
 
     if not isinstance(model, ConditionalUNet):
         return model
-    key = (amp_dtype, _weights_key(model))
+    key = (amp_dtype, weights_key(model))
     with _LOCK:
         copies = _COPIES.setdefault(model, {})
         kept = copies.get(amp_dtype)
@@ -96,3 +99,43 @@ def inference_network(model: Any, amp_dtype: torch.dtype | None) -> Any:
         network = _make_copy(model, amp_dtype)
         copies[amp_dtype] = (key, network)
         return network
+
+
+def network_for(model: Any, amp_dtype: torch.dtype | None, device: torch.device | str,
+                backend: str = "auto") -> Any:
+    """What a run on ``device`` at ``amp_dtype`` calls for ``model``: the OpenVINO network where
+    ``backend`` chooses it (:func:`.openvino_network.choose_backend`), else the torch copy
+    above. With ``"auto"`` a network OpenVINO cannot take is run by torch, with one warning."""
+    from .errors import WhatIsHealthyError
+    from .model import ConditionalUNet
+    from .openvino_network import choose_backend, openvino_network
+
+    choice = choose_backend(backend, device, amp_dtype)
+    if choice == "torch":
+        return inference_network(model, amp_dtype)
+    if not isinstance(model, ConditionalUNet):
+        if backend == "openvino":
+            raise WhatIsHealthyError(f"backend openvino compiles the project's ConditionalUNet, "
+                                     f"not a {type(model).__name__}; use --backend torch")
+        return model
+    try:
+        return openvino_network(model, amp_dtype)
+    except Exception as exc:
+        if backend == "openvino":
+            raise WhatIsHealthyError(f"OpenVINO could not compile this network ({type(exc).__name__}: "
+                                     f"{str(exc)[:300]}); use --backend torch") from exc
+        if not getattr(exc, "_whatishealthy_reported", False):
+            _log.warning("OpenVINO could not compile this network (%s: %s); torch runs it",
+                         type(exc).__name__, str(exc)[:300])
+            exc._whatishealthy_reported = True  # type: ignore[attr-defined]
+        return inference_network(model, amp_dtype)
+
+
+def describe_network(network: Any, amp_dtype: torch.dtype | None) -> str:
+    """What ``network`` (from :func:`network_for`) runs as, e.g. ``openvino 2026.4.1, bf16, 2
+    threads`` or ``torch, bfloat16 autocast``."""
+    text = getattr(network, "description", None)
+    if isinstance(text, str):
+        return text
+    precision = "float32" if amp_dtype is None else f"{str(amp_dtype).removeprefix('torch.')} autocast"
+    return f"torch, {precision}"

@@ -29,6 +29,7 @@ import re
 import secrets
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -340,16 +341,31 @@ def _wait_for_lock(fd: int, folder: Path, deadline: float) -> bool:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back (in this thread) until the block ends: the renames of a set
-    are not cut in half by Ctrl-C or ``kill``; the signal acts right after."""
-    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    """Hold SIGINT and SIGTERM back until the block ends: the renames of a set are not cut in
+    half by Ctrl-C or ``kill``; the signal acts right after.
+
+    Blocking the signals in this thread's mask is not enough where a library has started native
+    threads (OpenVINO's, OpenMP's): the kernel hands a process signal to any thread that does
+    not block it, and Python then raises it in the main thread all the same. So in the main
+    thread the Python-level handlers are replaced for the block by ones that only note the
+    signal, which is raised again when the block ends."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    masked = hasattr(signal, "pthread_sigmask")
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals)) if masked else None
+    received: list[int] = []
+    handlers: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in signals:
+            handlers[signum] = signal.signal(signum, lambda n, _frame: received.append(n))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in handlers.items():  # None: a handler not set from Python
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if masked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        if received:
+            signal.raise_signal(received[0])  # now, to the handler the program had
 
 
 def _fsync_folder(folder: Path) -> None:

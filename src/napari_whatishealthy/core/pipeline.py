@@ -54,10 +54,11 @@ from .anomaly import (
     median_smooth,
     otsu_threshold,
 )
-from .counterfactual import iter_counterfactual, model_device
+from .counterfactual import autocast_dtype, iter_counterfactual, model_device
 from .device import resolve_device
 from .device_outputs import DeviceOutputs, Outputs, choose_outputs
 from .errors import InputError, WhatIsHealthyError
+from .inference_network import describe_network, network_for
 from .memory import check_memory
 from .model import ModelSpec
 from .preprocess import PreparedVolume, normalise_with, prepare, to_slices
@@ -337,9 +338,12 @@ def iter_localize(
 
         classifier_info = classifier_record(guided_by, classifier_path, classifier_hash,
                                             settings.classifier_scale)
+    # What runs the network (made and kept by iter_counterfactual above: this is a lookup).
+    amp_dtype = autocast_dtype(settings.amp, device)
+    network = describe_network(network_for(model, amp_dtype, device, settings.backend), amp_dtype)
     return _run(
         inner, data, prepared, sub, settings, spec, device, z_slices,
-        model_path, model_hash, tuple(inputs), classifier_info, seconds_preparing,
+        model_path, model_hash, tuple(inputs), classifier_info, seconds_preparing, network,
     )
 
 
@@ -385,6 +389,7 @@ def _run(
     inputs: tuple,
     classifier_info: dict[str, Any] | None = None,
     seconds_preparing: float = 0.0,
+    network: str = "",
 ) -> Generator[Progress, None, LocalizeResult]:
     started = time.time()
     if settings.seed is not None:
@@ -422,6 +427,7 @@ def _run(
         inputs=inputs,
         threshold_used=threshold_used,
         extra={
+            "network": network,
             "model_image_size": spec.image_size,
             "modalities": list(spec.modalities),
             "recommended_threshold": recommended,

@@ -41,6 +41,7 @@ def versions() -> dict[str, str | None]:
         "numpy": numpy.__version__,
         "scipy": _version("scipy"),
         "nibabel": _version("nibabel"),
+        "openvino": _version("openvino"),  # None where not installed (torch ran the network)
         "platform": f"{sys.platform}-{platform.machine()}",
     }
 

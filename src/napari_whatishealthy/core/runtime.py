@@ -16,10 +16,17 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator, MutableMapping
+from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _tuned = False
+
+
+def user_cache_dir() -> Path:
+    """This package's folder in the user cache (``$XDG_CACHE_HOME``, else ``~/.cache``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "napari-whatishealthy"
 
 
 def tune_allocator() -> bool:

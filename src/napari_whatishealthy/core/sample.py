@@ -3,20 +3,16 @@ user cache where the package was installed without it."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
+
+from .runtime import user_cache_dir
 
 #: The bundled sample (``Sample_{flair,t1,t1ce,t2,seg}.nii.gz``; see ``_sample_data``).
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample"
 SAMPLE_SEED = 7
 
 __all__ = ["SAMPLE_DIR", "sample_case_path"]
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "napari-whatishealthy"
 
 
 def sample_case_path() -> Path:
@@ -27,7 +23,7 @@ def sample_case_path() -> Path:
     from .synthetic import synthesise
     from .volume import is_case_folder
 
-    root = _cache_dir() / "sample-synthetic-v1"
+    root = user_cache_dir() / "sample-synthetic-v1"
     folder = root / f"Synth_{SAMPLE_SEED:04d}_0000"
     if not is_case_folder(folder):
         print(f"making a synthetic sample case in {root} (once)", file=sys.stderr)

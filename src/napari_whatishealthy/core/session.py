@@ -88,6 +88,19 @@ class LocalizeSession:
                          timestep_plan(self.spec.schedule, settings.noise_level, settings.steps))
         return Guide(classifier, folder, digest)
 
+    def network(self, settings: LocalizeSettings) -> str:
+        """Make (once; kept) what runs the network for ``settings`` and say what it is, e.g.
+        ``openvino 2026.4.1, bf16, 2 threads in 2 streams``. The first OpenVINO run of a model on
+        a machine converts it (seconds); a caller that shows progress says so first."""
+        from .counterfactual import autocast_dtype, model_device
+        from .device import resolve_device
+        from .inference_network import describe_network, network_for
+
+        device = model_device(self.model) or resolve_device(settings.device)
+        amp_dtype = autocast_dtype(settings.amp, device)
+        return describe_network(network_for(self.model, amp_dtype, device, settings.backend),
+                                amp_dtype)
+
     def model_record(self) -> dict[str, Any]:
         """What a report records of the model."""
         return {"name": self.spec.name, "path": str(self.folder), "sha256": self.sha256}

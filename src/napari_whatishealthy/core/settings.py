@@ -146,7 +146,9 @@ class LocalizeSettings(InferenceDefaults):
     calls). ``amp``: ``"auto"`` uses bf16 autocast on CPU (about 3x faster for our UNet on this
     kind of machine), bf16 (or fp16 where bf16 is unsupported) on CUDA, and none on MPS;
     ``True`` forces autocast (fp16 on MPS), ``False`` turns it off, ``"bf16"``/``"fp16"`` pick
-    the type. ``batch_size``: slices per chunk (decoding feeds the network twice that); None
+    the type. ``backend``: what runs the network, ``"auto"`` (OpenVINO on an x86-64 CPU where it
+    is installed, 1.2x torch per slice there; torch elsewhere), ``"torch"`` or ``"openvino"``
+    (:mod:`~.openvino_network`). ``batch_size``: slices per chunk (decoding feeds the network twice that); None
     picks ``counterfactual.default_batch_size`` for the device. ``seed`` seeds torch before the
     run (DDIM with eta = 0 is deterministic; the seed is recorded so that any stochastic variant
     stays reproducible). ``method``: ``"implicit"`` (classifier-free guidance with weight
@@ -163,6 +165,7 @@ class LocalizeSettings(InferenceDefaults):
     device: str = "auto"
     batch_size: int | None = None
     amp: AmpSetting = "auto"
+    backend: str = "auto"
     seed: int | None = 0
     method: str = "implicit"
     classifier_scale: float | None = None
@@ -222,4 +225,7 @@ class LocalizeSettings(InferenceDefaults):
             raise WhatIsHealthyError(
                 f"amp must be auto, bf16, fp16, True or False, got {self.amp!r}"
             )
+        from .openvino_network import check_backend
+
+        check_backend(self.backend)
         _check_method(self.method, self.classifier_scale)
