@@ -151,7 +151,9 @@ def worker(args: argparse.Namespace) -> dict:
     model, spec, description = _load(args)
     data = _volume(args)
     settings = LocalizeSettings.from_spec(spec, device="cpu")
-    result: dict = {"model": description, "shape": list(data.shape[1:])}
+    result: dict = {"model": description, "shape": list(data.shape[1:]),
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+                    "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "default")}
     if args.worker == "reference":
         prepared = prepare(data, spec.image_size)
         every = every_axial_slice(prepared, spec.image_size)  # brain or not, as the reference
@@ -205,9 +207,7 @@ def worker(args: argparse.Namespace) -> dict:
                 started = time.perf_counter()
                 localize(model, spec, data, settings, z_slices=[centre], prepared=prepared)
                 times.append(time.perf_counter() - started)
-            result.update(preview_cached_s=float(np.median(times)), previews=len(times),
-                          omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
-                          gomp_spincount=os.environ.get("GOMP_SPINCOUNT", "default"))
+            result.update(preview_cached_s=float(np.median(times)), previews=len(times))
             result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
             return result
         started = time.perf_counter()
@@ -310,7 +310,7 @@ def ablation(args: argparse.Namespace) -> list[tuple[str, float, float | None]]:
     return rows
 
 
-def _spawn(args: argparse.Namespace, role: str, extra: list[str], cli_policy: bool = True) -> dict:
+def _spawn(args: argparse.Namespace, role: str, extra: list[str], policy: str = "cli") -> dict:
     cmd = [sys.executable, __file__, "--worker", role, "--model", args.model] + extra
     if args.tiny:
         cmd.append("--tiny")
@@ -320,13 +320,15 @@ def _spawn(args: argparse.Namespace, role: str, extra: list[str], cli_policy: bo
         cmd += ["--threads", str(args.threads)]
     env = dict(os.environ)
     env.pop("GLIBC_TUNABLES", None)
-    # Every row runs with the CLI's OpenMP wait policy (a property of the machine's sharing,
-    # not of the method): the references are not slowed by spinning threads on shared cores.
+    # Each row runs as its code runs: the references in the environment as it is (the reference
+    # code sets no thread policy; OpenMP's default spins), the pipeline with the CLI's policy
+    # (PASSIVE) or, for the widget's previews, napari's (a bounded spin); a policy the
+    # environment sets holds for every row.
     from napari_whatishealthy.core.runtime import prefer_bounded_omp_spin, prefer_passive_omp_wait
 
-    if cli_policy:
+    if policy == "cli":
         prefer_passive_omp_wait(env)
-    else:  # what the widget sets in napari's process (unless the environment chose a policy)
+    elif policy == "widget":
         prefer_bounded_omp_spin(env, torch_loaded=False)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -386,14 +388,14 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeat):  # each round: the three measurements back to back
         rounds.append((
             _spawn(args, "reference", ["--compare-out", compare, "--reference-batch", str(REFERENCE_CODE_BATCH)]
-                   + (["--reference-slices", str(n_batch)] if n_batch else [])),
+                   + (["--reference-slices", str(n_batch)] if n_batch else []), policy="as given"),
             _spawn(args, "reference", ["--reference-batch", "1"]
-                   + (["--reference-slices", str(n_naive)] if n_naive else [])),
+                   + (["--reference-slices", str(n_naive)] if n_naive else []), policy="as given"),
             _spawn(args, "pipeline", ["--compare-out", compare]),
         ))
     # The widget runs in napari's process, where it bounds OpenMP's spinning (the CLI sets
     # PASSIVE): its previews are timed that way too (docs/benchmarks.md, Threads).
-    widget = _spawn(args, "pipeline", ["--preview-only"], cli_policy=False)
+    widget = _spawn(args, "pipeline", ["--preview-only"], policy="widget")
     ratios = [r["volume_s"] / o["volume_s"] for r, _, o in rounds]
     # The round with the median speedup stands for the run (its rows are shown); all ratios printed.
     ref, naive, ours = rounds[int(np.argsort(ratios)[(len(ratios) - 1) // 2])]
@@ -414,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(f"model: {ours['model']}")
     print(f"volume: {ours['shape']}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')} (every row)")
+          f"OMP_WAIT_POLICY: references {ref['omp_wait_policy']} (as the reference code runs), "
+          f"pipeline {ours['omp_wait_policy']} (the CLI's)")
     print(f"cpu: {cpu_info().describe()}")
     print(f"pipeline on this cpu: {ours['choices']}")
     print()

@@ -229,3 +229,35 @@ def test_guided_filter_flat_guide_is_a_box_mean_and_radius_0_a_copy() -> None:
     assert np.array_equal(same, values) and same is not values
     with pytest.raises(WhatIsHealthyError, match="differ"):
         guided_filter(values, flat[:-1], radius=1, eps=1e-3)
+
+
+@pytest.mark.parametrize("workers", [2, 3, 16])
+def test_the_filters_on_worker_threads_give_the_same_numbers(monkeypatch, workers) -> None:
+    """median_smooth splits the slices and edge_guided the channels over threads (scipy releases
+    the GIL): the result must be exactly the one-thread result, whatever the split."""
+    from napari_whatishealthy.core import anomaly, runtime
+    from napari_whatishealthy.core.anomaly import edge_guided
+
+    rng = np.random.default_rng(1)
+    vol = rng.random((4, 20, 18, 7)).astype(np.float32)  # [C, X, Y, n]: 7 slices, uneven splits
+    guide = rng.random(vol.shape).astype(np.float32)
+    one = (median_smooth(vol[0], 3, slice_axis=-1), median_smooth(vol[0], 3, slice_axis=0),
+           edge_guided(vol, guide, 2))
+    monkeypatch.setattr(anomaly, "worker_threads", lambda: workers)
+    monkeypatch.setattr(runtime, "worker_threads", lambda: workers)
+    parts = []
+    real = ndimage.median_filter
+
+    def spy(values, *args, **kwargs):
+        parts.append(values.shape)
+        return real(values, *args, **kwargs)
+
+    monkeypatch.setattr(anomaly.ndimage, "median_filter", spy)
+    many = (median_smooth(vol[0], 3, slice_axis=-1), median_smooth(vol[0], 3, slice_axis=0),
+            edge_guided(vol, guide, 2))
+    # The slices were split into one run per worker (which thread runs which is the pool's).
+    assert len(parts) == min(workers, 7) + min(workers, 20)  # 7 slices on -1, 20 on axis 0
+    assert sum(p[-1] for p in parts[:min(workers, 7)]) == 7
+    for a, b in zip(one, many, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(many[0], ndimage.median_filter(vol[0], size=(3, 3, 1)))

@@ -15,8 +15,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -27,6 +29,24 @@ def user_cache_dir() -> Path:
     """This package's folder in the user cache (``$XDG_CACHE_HOME``, else ``~/.cache``)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "napari-whatishealthy"
+
+
+def worker_threads() -> int:
+    """Threads for numpy and scipy work that releases the GIL (filters over a volume): as many
+    as torch may use, which is what the user or the environment allowed this process."""
+    import torch
+
+    return max(1, int(torch.get_num_threads()))
+
+
+def run_in_threads(tasks: list[Callable[[], Any]], workers: int | None = None) -> list[Any]:
+    """Each task's result, in order, the tasks run on up to ``workers`` threads (default
+    :func:`worker_threads`); one worker or one task: run here, in order."""
+    workers = min(len(tasks), workers or worker_threads())
+    if workers <= 1:
+        return [task() for task in tasks]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="whatishealthy") as pool:
+        return list(pool.map(lambda task: task(), tasks))
 
 
 def tune_allocator() -> bool:
