@@ -65,7 +65,7 @@ from .classifier import check_compatible, resolve_scale, target_class
 from .ddim import Predictor, _decode_iter, _invert_iter, decode, dynamic_normalise, invert
 from .device import free_memory, is_out_of_memory, resolve_device
 from .errors import WhatIsHealthyError
-from .inference_network import network_for
+from .inference_network import describe_network, network_for
 from .model import NULL, ModelSpec, ScheduleSpec
 from .openvino_network import choose_backend
 from .settings import METHODS, AmpSetting, LocalizeSettings, check_noise_and_steps
@@ -90,6 +90,7 @@ __all__ = [
     "AmpSetting",
     "is_out_of_memory",
     "iter_counterfactual",
+    "network_description",
     "timestep_plan",
     "use_channels_last",
 ]
@@ -195,13 +196,20 @@ def describe_inference(device: torch.device | str, settings: Any = None) -> str:
     if backend == "openvino":
         text = f"openvino, {'bf16' if dtype is not None else 'float32'}, {batch} slices per chunk"
     else:
-        precision = "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
-        text = f"torch, {precision}, {batch} slices per chunk, channels-last"
+        text = f"{describe_network(None, dtype)}, {batch} slices per chunk, channels-last"
     if torch.device(device).type == "cpu":
         from .hardware import cpu_info
 
         text += f", {torch.get_num_threads()} threads ({cpu_info().describe()})"
     return text
+
+
+def network_description(model: Any, settings: Any, device: torch.device | str) -> str:
+    """What runs ``model``'s network with ``settings`` (amp, backend) on ``device``, e.g.
+    ``openvino 2026.4.1, bf16, 2 threads in 2 streams``: the network is made here if it is not
+    yet (the first OpenVINO run of a model on a machine converts it, seconds) and kept."""
+    amp_dtype = autocast_dtype(settings.amp, device)
+    return describe_network(network_for(model, amp_dtype, device, settings.backend), amp_dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,11 +54,10 @@ from .anomaly import (
     median_smooth,
     otsu_threshold,
 )
-from .counterfactual import autocast_dtype, iter_counterfactual, model_device
+from .counterfactual import iter_counterfactual, model_device, network_description
 from .device import resolve_device
 from .device_outputs import DeviceOutputs, Outputs, choose_outputs
 from .errors import InputError, WhatIsHealthyError
-from .inference_network import describe_network, network_for
 from .memory import check_memory
 from .model import ModelSpec
 from .preprocess import PreparedVolume, normalise_with, prepare, to_slices
@@ -339,8 +338,7 @@ def iter_localize(
         classifier_info = classifier_record(guided_by, classifier_path, classifier_hash,
                                             settings.classifier_scale)
     # What runs the network (made and kept by iter_counterfactual above: this is a lookup).
-    amp_dtype = autocast_dtype(settings.amp, device)
-    network = describe_network(network_for(model, amp_dtype, device, settings.backend), amp_dtype)
+    network = network_description(model, settings, device)
     return _run(
         inner, data, prepared, sub, settings, spec, device, z_slices,
         model_path, model_hash, tuple(inputs), classifier_info, seconds_preparing, network,

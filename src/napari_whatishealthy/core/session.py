@@ -92,14 +92,11 @@ class LocalizeSession:
         """Make (once; kept) what runs the network for ``settings`` and say what it is, e.g.
         ``openvino 2026.4.1, bf16, 2 threads in 2 streams``. The first OpenVINO run of a model on
         a machine converts it (seconds); a caller that shows progress says so first."""
-        from .counterfactual import autocast_dtype, model_device
+        from .counterfactual import model_device, network_description
         from .device import resolve_device
-        from .inference_network import describe_network, network_for
 
         device = model_device(self.model) or resolve_device(settings.device)
-        amp_dtype = autocast_dtype(settings.amp, device)
-        return describe_network(network_for(self.model, amp_dtype, device, settings.backend),
-                                amp_dtype)
+        return network_description(self.model, settings, device)
 
     def model_record(self) -> dict[str, Any]:
         """What a report records of the model."""
