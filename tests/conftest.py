@@ -7,7 +7,6 @@ that changes files copies them first.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -57,13 +56,9 @@ def openvino_cache_in_tmp(tmp_path_factory):
     """Networks converted for OpenVINO are kept in this session's folder, never the user's
     cache (subprocesses inherit the variable)."""
     folder = tmp_path_factory.mktemp("openvino-cache")
-    previous = os.environ.get("WHATISHEALTHY_OPENVINO_CACHE")
-    os.environ["WHATISHEALTHY_OPENVINO_CACHE"] = str(folder)
-    yield folder
-    if previous is None:
-        os.environ.pop("WHATISHEALTHY_OPENVINO_CACHE", None)
-    else:
-        os.environ["WHATISHEALTHY_OPENVINO_CACHE"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WHATISHEALTHY_OPENVINO_CACHE", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

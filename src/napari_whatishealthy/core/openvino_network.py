@@ -209,13 +209,12 @@ def _convert(network: torch.nn.Module) -> Any:
         return ov.convert_model(exported)
 
 
-def _cached_model(network: torch.nn.Module, cache: Path | None) -> tuple[Any, str]:
-    """(OpenVINO model, "cache" or "converted"): read from ``cache`` when it holds this
-    network's IR, else converted and (when ``cache`` is writable) saved there atomically."""
+def _cached_model(network: torch.nn.Module, cache: Path | None, core: Any) -> tuple[Any, str]:
+    """(OpenVINO model, "cache" or "converted"): read by ``core`` from ``cache`` when it holds
+    this network's IR, else converted and (when ``cache`` is writable) saved there atomically."""
     ov = import_openvino()
     digest = _weights_digest(network)
     folder = cache / digest[:32] if cache is not None else None
-    core = ov.Core()
     if folder is not None and (folder / "network.xml").is_file():
         try:
             return core.read_model(str(folder / "network.xml")), "cache"
@@ -271,8 +270,9 @@ def openvino_network(model: Any, amp_dtype: torch.dtype | None, threads: int | N
         try:
             exact = inference_network(model, None)  # float32, one-token cross-attention
             folder = default_cache() if cache == "default" else (Path(cache) if cache else None)
-            ov_model, source = _cached_model(exact, folder)
-            compiled = ov.Core().compile_model(ov_model, "CPU", {
+            core = ov.Core()
+            ov_model, source = _cached_model(exact, folder, core)
+            compiled = core.compile_model(ov_model, "CPU", {
                 "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads,
                 "PERFORMANCE_HINT": "THROUGHPUT"})
         except Exception as exc:
